@@ -1,0 +1,18 @@
+"""crbp_fast: fused kernels and a fixed-point engine for recurrent vision models trained with C-RBP.
+
+    from crbp_fast import HGRUCell, fixed_point, lcp_penalty
+    cell = HGRUCell(channels=25, kernel_size=15)
+    res = fixed_point(cell, x, steps=20, algorithm="crbp")
+"""
+
+from .fixed_point import ALGORITHMS, FixedPointResult, FixedPointStats, fixed_point
+from .hgru import HGRUCell
+from .lcp import lcp_penalty
+from .solvers import AdjointDivergenceWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS", "AdjointDivergenceWarning", "FixedPointResult", "FixedPointStats", "HGRUCell",
+    "fixed_point", "lcp_penalty", "__version__",
+]

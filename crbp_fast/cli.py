@@ -1,0 +1,42 @@
+"""The ``crbp-fast`` command line.
+
+Each feature module adds its subcommand through a ``register(subparsers, name, help)`` function
+that sets ``func`` on its parser; a ``CLIError`` raised there becomes a one-line error, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: (subcommand, module with ``register(subparsers)``, one-line help)
+COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "crbp_fast.demo", "train a small hGRU a few iterations with each algorithm"),
+]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crbp-fast", description="C-RBP for recurrent vision models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module, help_text in COMMANDS:
+        importlib.import_module(module).register(sub, name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as err:
+        print(f"crbp-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Shared test fixtures: NaN-poisoned output buffers, tolerance checks, readable ids."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The Triton interpreter must be chosen before any triton kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison(monkeypatch):
+    """Fresh seeds per test, and every torch.empty / empty_like buffer pre-filled with NaN.
+
+    An output element that a kernel forgets to write then stays NaN and fails the NaN check.
+    """
+    torch.manual_seed(0)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point() or out.is_complex():
+            out.fill_(float("nan"))
+        return out
+
+    def empty_like(*args, **kwargs):
+        out = real_empty_like(*args, **kwargs)
+        if out.is_floating_point() or out.is_complex():
+            out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    yield
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0, name: str = "") -> None:
+    """Relative-RMSE check with a max-abs escape hatch, and a hard fail on NaN/inf."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values in the result"
+    assert torch.isfinite(expected).all(), f"{name}: non-finite values in the reference"
+    a, e = actual.double(), expected.double()
+    err = (a - e).pow(2).mean().sqrt()
+    scale = e.pow(2).mean().sqrt()
+    max_abs = (a - e).abs().max() if a.numel() else torch.tensor(0.0)
+    ok = err <= rtol * scale or max_abs <= atol
+    assert ok, f"{name}: relative RMSE {float(err / scale.clamp_min(1e-300)):.3e} > {rtol:.1e} (max abs {float(max_abs):.3e})"
+
+
+def shape_id(b: int, c: int, h: int, w: int, k: int) -> str:
+    return f"B{b}-C{c}-H{h}-W{w}-k{k}"
