@@ -328,3 +328,26 @@ def test_divergence_warning_is_not_raised_for_contractive_problem():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine_gradients(f, x, torch.ones_like(x), steps=10, adjoint_steps=15)
+
+
+def test_linearize_and_autograd_adjoints_agree():
+    f = contractive_cell()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    w = torch.randn_like(x)
+    kw = dict(steps=30, algorithm="crbp", adjoint_steps=200, adjoint_tol=1e-13)
+    a, _ = engine_gradients(f, x, w, use_linearize=True, **kw)
+    b, _ = engine_gradients(f, x, w, use_linearize=False, **kw)
+    for name in a:
+        assert_close(a[name], b[name], rtol=1e-10, name=name)
+
+
+def test_stats_as_dict_is_json_ready():
+    import json
+
+    f = contractive_cell()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    res = fixed_point(f, x, steps=4)
+    res.state.sum().backward()
+    d = json.loads(json.dumps(res.stats.as_dict()))
+    assert d["algorithm"] == "crbp" and d["steps"] == 4 and len(d["forward_residual"]) == 2
+    assert d["adjoint_iterations"] >= 1 and d["backward_calls"] == 1
