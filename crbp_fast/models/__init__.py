@@ -1,0 +1,8 @@
+"""Models for Pathfinder: the hGRU with its Gabor drive and readout, the focal loss, the metrics."""
+
+from .gabor import gabor_bank
+from .losses import focal_loss
+from .metrics import METRICS, confusion, scores
+from .pathfinder_hgru import PathfinderHGRU, PathfinderOutput
+
+__all__ = ["METRICS", "PathfinderHGRU", "PathfinderOutput", "confusion", "focal_loss", "gabor_bank", "scores"]

@@ -1,0 +1,691 @@
+"""``crbp-fast train``: train a Pathfinder hGRU with BPTT, C-BPTT, RBP or C-RBP, on one or many processes.
+
+- Data: drawn on the fly by index (a fresh batch every step, or ``--train-size`` images cycled
+  in epochs) or read from a ``crbp-fast pathfinder generate`` directory (``--data``). Which
+  samples a step uses is a function of the step alone, so a resumed run sees exactly the
+  batches an uninterrupted one would.
+- Loss: focal loss (gamma 2) on the per-pixel (or per-image) logits, plus ``lcp_weight`` x the
+  LCP penalty for cbptt / crbp; Adam.
+- Held-out metrics (IoU, F1, balanced accuracy, accuracy of the positive class, pooled over the
+  set) on samples from the disjoint index range starting at ``EVAL_INDEX_OFFSET``.
+- Output (``--out``): ``checkpoint.pt`` (model, optimizer, step, RNG states, config; written
+  atomically), ``log.jsonl`` (one record per logged step and per evaluation), ``config.json``.
+- Multi-process: launch with ``torchrun`` (``nccl`` on GPU, ``gloo`` on CPU); each process takes
+  ``batch_size`` samples of a global batch (a DistributedSampler-like stride over its indices),
+  DDP averages the gradients, and only rank 0 writes.
+- Interrupting (Ctrl-C / SIGTERM) finishes the running step, writes a checkpoint and stops;
+  ``--resume`` continues from it with the same losses as an uninterrupted run.
+
+Example:
+    crbp-fast train --task segmentation --length 14 --algorithm crbp --steps 20 --iterations 20000 \\
+        --batch-size 32 --out runs/pf14_crbp
+    torchrun --standalone --nproc_per_node 8 -m crbp_fast.cli train ... (same flags)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data.dataset import EVAL_INDEX_OFFSET, PathfinderDataset, ShardedPathfinder, ShardError
+from .data.pathfinder import (
+    DEFAULT_CONFIG, TASKS, PathfinderConfig, PathfinderError, check_length, check_size, check_task,
+)
+from .fixed_point import ALGORITHMS
+from .hgru.backends import BACKEND_NAMES
+from .hgru.reference import NORM_KINDS
+from .models import PathfinderHGRU, confusion, focal_loss, scores
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.json"
+CHECKPOINT_FORMAT = "crbp_fast.train/1"
+
+#: Config fields that may change when a run is resumed (they do not change what is computed).
+RESUMABLE_CHANGES = frozenset({
+    "iterations", "epochs", "eval_every", "eval_size", "checkpoint_every", "log_every", "out", "resume",
+    "device", "workers", "progress", "data", "threads",
+})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in each checkpoint)."""
+
+    task: str = "segmentation"
+    length: int = 14
+    size: int = 150
+    seed: int = 0
+    data: str | None = None
+    train_size: int | None = None
+    algorithm: str = "crbp"
+    steps: int = 20
+    adjoint_steps: int = 15
+    adjoint_tol: float = 1e-5
+    lcp_weight: float = 10.0
+    lcp_target: float = 0.9
+    lr: float = 1e-3
+    batch_size: int = 32
+    iterations: int | None = None
+    epochs: int | None = None
+    focal_gamma: float = 2.0
+    channels: int = 25
+    kernel_size: int = 15
+    norm: str = "batch"
+    backend: str = "auto"
+    conv: str = "auto"
+    gate_bias_init: str = "published"
+    eval_size: int = 256
+    eval_every: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 1
+    out: str = "runs/pathfinder"
+    resume: bool = False
+    device: str = "auto"
+    workers: int = 0
+    threads: int = 0
+    progress: bool = True
+    generator: dict = field(default_factory=lambda: asdict(DEFAULT_CONFIG))
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` naming the first field out of range."""
+        try:
+            check_task(self.task)
+            check_length(self.length)
+            check_size(self.size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        for name, choices in (("algorithm", ALGORITHMS), ("norm", NORM_KINDS), ("backend", BACKEND_NAMES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
+        for name, low in (("steps", 1), ("adjoint_steps", 0), ("batch_size", 1), ("channels", 1), ("kernel_size", 1),
+                          ("eval_size", 0), ("eval_every", 0), ("checkpoint_every", 0), ("log_every", 1),
+                          ("workers", 0), ("threads", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}: expected an int >= {low}, got {value!r}")
+        if (self.iterations is None) == (self.epochs is None):
+            raise ConfigError(
+                f"iterations / epochs: give exactly one, got iterations={self.iterations!r}, epochs={self.epochs!r}"
+            )
+        for name in ("iterations", "epochs", "train_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.data is not None and self.train_size is not None:
+            raise ConfigError(
+                f"train_size: {self.train_size} was given with data={self.data!r}; the data directory fixes the "
+                f"training set, so give one of them"
+            )
+        if self.epochs is not None and self.data is None and self.train_size is None:
+            raise ConfigError("epochs: needs a finite training set: pass data (a generated directory) or train_size")
+        for name in ("adjoint_tol", "lcp_weight", "lr", "focal_gamma"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}: expected a finite number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: expected a number > 0, got {self.lr!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+
+class ConfigError(ValueError):
+    """A training configuration out of range or inconsistent with its data (the message names the field)."""
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGINT / SIGTERM) after a checkpoint of the finished steps."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit: another format, another model shape, another run's config."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the last step, the final held-out metrics, and where it wrote."""
+
+    step: int
+    metrics: dict[str, float]
+    out: Path
+    losses: list[float]
+
+
+# --- distributed --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+    device: torch.device
+    initialised_here: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(config: TrainConfig) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    initialised = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo", rank=rank, world_size=world)
+        initialised = True
+    return _Dist(rank, world, device, initialised)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class _StepBatches(Sampler[list[int]]):
+    """The dataset indices of this rank for steps ``start .. stop - 1``.
+
+    A step's global batch is ``batch_size * world`` indices: consecutive fresh indices for an
+    unbounded on-the-fly set, or a slice of a per-epoch permutation (seeded by seed and epoch) of a
+    finite set of ``n``; rank r takes every world-th index from r, as DistributedSampler does.
+    """
+
+    def __init__(self, start: int, stop: int, batch_size: int, rank: int, world: int, n: int | None, seed: int):
+        self.start, self.stop, self.batch, self.rank, self.world, self.n, self.seed = (
+            start, stop, batch_size, rank, world, n, seed)
+
+    def global_batch(self, step: int) -> list[int]:
+        g = self.batch * self.world
+        if self.n is None:
+            return list(range(step * g, (step + 1) * g))
+        per_epoch = self.n // g
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return perm[pos * g:(pos + 1) * g].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield self.global_batch(step)[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _resolve_data(config: TrainConfig, world: int) -> tuple[Dataset, int | None, int]:
+    """Training set, its finite size (None when unbounded), and the number of iterations."""
+    global_batch = config.batch_size * world
+    if config.data is not None:
+        ds = ShardedPathfinder(config.data)
+        for name in ("task", "length", "size", "seed"):
+            if getattr(config, name) != getattr(ds, name):
+                raise ConfigError(
+                    f"{name}: {getattr(config, name)!r} was asked for but the data in {config.data} has "
+                    f"{name} {getattr(ds, name)!r}"
+                )
+        config.generator = asdict(ds.config)
+        n: int | None = ds.n
+    else:
+        n = config.train_size
+    if n is not None and n < global_batch:
+        raise ConfigError(
+            f"batch_size: a global batch of {global_batch} ({config.batch_size} x {world} processes) is larger "
+            f"than the training set of {n} images"
+        )
+    if config.epochs is not None:
+        iterations = config.epochs * (n // global_batch)  # type: ignore[operator]
+    else:
+        iterations = config.iterations  # type: ignore[assignment]
+    if n is None and iterations * global_batch > EVAL_INDEX_OFFSET:
+        raise ConfigError(f"iterations: {iterations} x {global_batch} images would reach the held-out index range")
+    if config.data is not None:
+        return ds, n, iterations
+    gen = PathfinderConfig(**config.generator)
+    size = n if n is not None else iterations * global_batch
+    return PathfinderDataset(config.task, config.length, config.size, config.seed, size, config=gen), n, iterations
+
+
+# --- checkpoints and logs -----------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a training checkpoint (on CPU) and check its format; raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load raises many types for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"checkpoint {path}: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str, saved_config: dict | None = None) -> None:
+    """``model.load_state_dict(state)`` with errors that name the parameter and both shapes.
+
+    ``saved_config`` (the checkpoint's config) adds the model fields it was trained with to the message.
+    """
+    hint = ""
+    if saved_config is not None:
+        fields = ", ".join(f"{k}={saved_config.get(k)!r}" for k in ("task", "channels", "kernel_size", "norm"))
+        hint = f" (the checkpoint was trained with {fields})"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: parameters do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}{hint}"
+        )
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise CheckpointError(
+                f"{source}: parameter {name!r} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(own[name].shape)} in the model{hint}"
+            )
+    model.load_state_dict(state)
+
+
+def build_model(config: TrainConfig | dict) -> PathfinderHGRU:
+    """The :class:`PathfinderHGRU` a config (or a checkpoint's config dict) describes."""
+    c = config if isinstance(config, dict) else asdict(config)
+    return PathfinderHGRU(
+        c["task"], c["channels"], c["kernel_size"], steps=c["steps"], algorithm=c["algorithm"], norm=c["norm"],
+        backend=c["backend"], conv=c["conv"], gate_bias_init=c["gate_bias_init"], adjoint_steps=c["adjoint_steps"],
+        adjoint_tol=c["adjoint_tol"], lcp_target=c["lcp_target"],
+    )
+
+
+def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUMABLE_CHANGES or f.name not in saved:
+            continue
+        if saved[f.name] != getattr(config, f.name):
+            raise CheckpointError(
+                f"{path}: --{f.name.replace('_', '-')} is {getattr(config, f.name)!r} but the checkpoint was "
+                f"trained with {saved[f.name]!r}; resume with the same value or choose another --out"
+            )
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past ``step`` (written after the last checkpoint by an interrupted run)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    _atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGINT / SIGTERM; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _loss(model_out, target: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    task_loss = focal_loss(model_out.logits, target, config.focal_gamma)
+    if model_out.penalty is None:
+        return task_loss, task_loss
+    return task_loss + config.lcp_weight * model_out.penalty, task_loss
+
+
+@torch.no_grad()
+def evaluate(model: PathfinderHGRU, dataset: Dataset, batch_size: int, device: torch.device, rank: int = 0,
+             world: int = 1, gamma: float = 2.0) -> dict[str, float]:
+    """Pooled held-out metrics (and the mean focal loss) of ``model`` over ``dataset``.
+
+    Each rank takes every world-th sample; the counts are summed over ranks.
+    """
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(4, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_seen = torch.zeros((), dtype=torch.float64, device=device)
+    indices = list(range(rank, len(dataset), world))
+    loader = DataLoader(dataset, batch_sampler=[indices[i:i + batch_size] for i in range(0, len(indices), batch_size)])
+    for images, target in loader:
+        images, target = images.to(device), target.to(device)
+        logits = model(images).logits
+        counts += confusion(logits.argmax(1), target)
+        loss_sum += focal_loss(logits, target, gamma).double() * len(images)
+        n_seen += len(images)
+    if world > 1:
+        dist.all_reduce(counts)
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(n_seen)
+    model.train(was_training)
+    out = scores(counts.cpu())
+    out["loss"] = float(loss_sum / n_seen.clamp_min(1))
+    return out
+
+
+def train(
+    config: TrainConfig, *, after_backward: Callable[[int, torch.nn.Module], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Run (or resume) the training that ``config`` describes; see the module docstring.
+
+    Args:
+        config: the run; ``config.check()`` is called first.
+        after_backward: called as ``after_backward(step, model)`` on every rank after the
+            gradients of step ``step`` (1-based) are reduced, before the optimizer step.
+        after_step: called as ``after_step(step)`` after step ``step`` finished.
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        ValueError: a config field out of range (its message names it).
+        CheckpointError: an existing checkpoint without ``resume``, or one that does not fit.
+        ShardError: a missing or corrupt shard of ``config.data``.
+        Interrupted: SIGINT / SIGTERM arrived; the finished steps are checkpointed.
+    """
+    config.check()
+    env = _setup_distributed(config)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, env, after_backward, after_step)
+    finally:
+        torch.set_num_threads(threads)
+        if env.initialised_here:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, env: _Dist, after_backward, after_step) -> TrainResult:
+    dataset, n_finite, iterations = _resolve_data(config, env.world)
+    if isinstance(dataset, ShardedPathfinder):
+        dataset.verify()
+    out = Path(config.out)
+    ckpt_path, log_path = out / CHECKPOINT_FILE, out / LOG_FILE
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(env.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        if not config.resume:
+            raise CheckpointError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
+        ckpt = read_checkpoint(ckpt_path)
+        load_model_state(model, ckpt["model"], str(ckpt_path), ckpt["config"])
+        _check_resumable(ckpt["config"], config, ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+        start, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, start)
+        _atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(config), indent=1) + "\n")
+
+    net: torch.nn.Module = model
+    if env.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    gen = PathfinderConfig(**config.generator)
+    eval_set = PathfinderDataset(config.task, config.length, config.size, config.seed, config.eval_size,
+                                 start=EVAL_INDEX_OFFSET, config=gen)
+    sampler = _StepBatches(start, iterations, config.batch_size, env.rank, env.world, n_finite, config.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers,
+                        pin_memory=env.device.type == "cuda")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=iterations, initial=start, unit="it", desc=f"{config.algorithm} N={config.steps}",
+               disable=not (env.is_main and config.progress), dynamic_ncols=True)
+    log = open(log_path, "a") if env.is_main else None
+
+    def write(record: dict) -> None:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def save(step: int) -> Path | None:
+        if not env.is_main:
+            return None
+        _atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "config": asdict(config),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+        }, ckpt_path)
+        return ckpt_path
+
+    def run_eval(step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = evaluate(model, eval_set, config.batch_size, env.device, env.rank, env.world, config.focal_gamma)
+        write({"kind": "eval", "step": step, **metrics, "seconds": time.perf_counter() - t0})
+        return metrics
+
+    losses: list[float] = []
+    step = saved_step = start
+    metrics: dict[str, float] = {}
+    model.train()
+    try:
+        with _StopFlag() as stop:
+            for images, target in loader:
+                t0 = time.perf_counter()
+                images = images.to(env.device, non_blocking=True)
+                target = target.to(env.device, non_blocking=True)
+                output = net(images)
+                loss, task_loss = _loss(output, target, config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if after_backward is not None:
+                    after_backward(step + 1, model)
+                optimizer.step()
+                step += 1
+                if after_step is not None:
+                    after_step(step)
+                penalty = output.penalty.detach() if output.penalty is not None else torch.zeros((), device=env.device)
+                # One collective per step: the logged means, and whether any rank was asked to stop.
+                reduced = torch.stack([loss.detach(), task_loss.detach(), penalty,
+                                       torch.tensor(float(stop.requested), device=env.device)]).double()
+                if env.world > 1:
+                    dist.all_reduce(reduced)
+                    reduced[:3] /= env.world
+                seconds = time.perf_counter() - t0
+                elapsed += seconds
+                loss_value = float(reduced[0])
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"the loss became {loss_value} at step {step}; lower --lr, or use --algorithm crbp / cbptt "
+                        f"(the LCP keeps the recurrence contractive)"
+                    )
+                losses.append(loss_value)
+                stats = output.stats
+                if step % config.log_every == 0 or step == iterations:
+                    write({
+                        "kind": "train", "step": step, "loss": loss_value, "task_loss": float(reduced[1]),
+                        "penalty": float(reduced[2]) if output.penalty is not None else None,
+                        "adjoint_iterations": stats.adjoint_iterations, "adjoint_residual": stats.adjoint_residual,
+                        "adjoint_stop": stats.adjoint_stop, "forward_residual": stats.max_forward_residual,
+                        "seconds": seconds, "elapsed": elapsed, "lr": optimizer.param_groups[0]["lr"],
+                    })
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                bar.update(1)
+                if config.eval_every and step % config.eval_every == 0 and step < iterations:
+                    run_eval(step)
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save(step)
+                    saved_step = step
+                if float(reduced[3]) > 0:
+                    raise Interrupted(step, save(step))
+        bar.close()
+        if step > start and config.eval_size:
+            metrics = run_eval(step)
+        if step != saved_step or not ckpt_path.exists():
+            save(step)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return TrainResult(step, metrics, out, losses)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    """Add ``crbp-fast train``."""
+    d = TrainConfig()
+    p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    from_data = "; with --data: the directory's"
+    g.add_argument("--task", help=f"one of {TASKS} (default: {d.task}{from_data})")
+    g.add_argument("--length", type=int, help=f"paddles per target contour, 2..40 (default: {d.length}{from_data})")
+    g.add_argument("--size", type=int, help=f"image side (default: {d.size}{from_data})")
+    g.add_argument("--seed", type=int, help=f"dataset and initialisation seed (default: {d.seed}{from_data})")
+    g.add_argument("--data", default=None, help="a `crbp-fast pathfinder generate` directory (default: on the fly)")
+    g.add_argument("--train-size", type=int, default=None,
+                   help="on the fly: cycle this many images in epochs (default: a fresh batch every step)")
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--algorithm", default=d.algorithm, help=f"one of {ALGORITHMS}")
+    g.add_argument("--steps", type=int, default=d.steps, help="recurrent steps N")
+    g.add_argument("--adjoint-steps", type=int, default=d.adjoint_steps, help="most adjoint iterations (rbp, crbp)")
+    g.add_argument("--adjoint-tol", type=float, default=d.adjoint_tol, help="relative adjoint tolerance (0: all steps)")
+    g.add_argument("--lcp-weight", type=float, default=d.lcp_weight, help="weight of the LCP penalty (cbptt, crbp)")
+    g.add_argument("--lcp-target", type=float, default=d.lcp_target, help="lambda of the LCP penalty")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per process and step")
+    length = g.add_mutually_exclusive_group(required=True)
+    length.add_argument("--iterations", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=int, help="passes over a finite training set (--data or --train-size)")
+    g.add_argument("--focal-gamma", type=float, default=d.focal_gamma, help="focal loss exponent")
+    g = p.add_argument_group("model")
+    g.add_argument("--channels", type=int, default=d.channels, help="channels C")
+    g.add_argument("--kernel-size", type=int, default=d.kernel_size, help="horizontal kernel size k")
+    g.add_argument("--norm", default=d.norm, help=f"one of {NORM_KINDS}")
+    g.add_argument("--backend", default=d.backend, help=f"one of {BACKEND_NAMES}")
+    g.add_argument("--conv", default=d.conv, help="horizontal conv engine: auto, direct, fft")
+    g.add_argument("--gate-bias-init", default=d.gate_bias_init, help="published or chronos")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=d.out, help="output directory (checkpoint.pt, log.jsonl, config.json)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    g.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out images (0: no evaluation)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="evaluate every this many steps (0: at the end only)")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between log records")
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=_run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``crbp-fast train`` arguments.
+
+    Dataset fields left out (None) come from ``--data``'s index when given, else the defaults.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"generator"}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.data is not None:
+        ds = ShardedPathfinder(args.data)
+        for name in ("task", "length", "size", "seed"):
+            given.setdefault(name, getattr(ds, name))
+    return TrainConfig(**given)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .cli import CLIError
+
+    try:
+        result = train(config_from_args(args))
+    except Interrupted as stop:
+        print(f"crbp-fast train: interrupted after step {stop.step}; checkpoint {stop.checkpoint}; "
+              f"continue with the same command and --resume", file=sys.stderr)
+        return 130
+    except (ConfigError, CheckpointError, ShardError, PathfinderError) as err:
+        raise CLIError(str(err)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        if not result.losses:
+            print(f"step {result.step}: the run had already reached its last step; nothing to do")
+        else:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "no evaluation"
+            print(f"step {result.step}: loss {result.losses[-1]:.4f}; held-out {shown}; wrote {result.out}")
+    return 0
