@@ -98,6 +98,8 @@ _REGISTRY: dict[str, Backend] = {
 #: Order in which "auto" tries backends, per device type (first available wins).
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 _fallback_logged: set[tuple[str, str]] = set()
+#: Why a fused backend's module could not be imported (its ImportError says how to enable it).
+_load_errors: dict[str, str] = {}
 
 
 def register_backend(backend: Backend) -> None:
@@ -115,6 +117,7 @@ def _load(name: str) -> None:
         elif name == "native":
             from ..native import hgru as _  # noqa: F401
     except ImportError as err:  # the backend's dependency is missing: it stays unregistered
+        _load_errors[name] = str(err)
         log.debug("backend %r could not be imported: %s", name, err)
 
 
@@ -127,8 +130,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         backend = _REGISTRY.get(name)
         if backend is None:
             raise RuntimeError(
-                f"backend {name!r} is not available in this installation; "
-                f"see README.md ('Backends') for how to enable it"
+                f"backend {name!r} is not available in this installation "
+                f"({_load_errors.get(name, 'not registered')}); see README.md ('Backends') for how to enable it"
             )
         if not backend.available(device):
             raise RuntimeError(
@@ -144,5 +147,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         key = (candidate, device.type)
         if candidate != "torch" and key not in _fallback_logged:
             _fallback_logged.add(key)
-            log.info("backend 'auto' on %s: %r is not available, trying the next one", device.type, candidate)
+            reason = backend.unavailable_reason(device) if backend else _load_errors.get(candidate, "not registered")
+            log.info("backend 'auto' on %s: %r is not available (%s), trying the next one", device.type, candidate,
+                     reason)
     return _REGISTRY["torch"]

@@ -1,0 +1,421 @@
+// The CPU kernels of the hGRU passes, written once and compiled per ISA.
+//
+// The including file defines CRBP_ISA (a namespace name) and, for a non-baseline ISA, a target
+// pragma. Everything here except kernel_table<T>() lives in an anonymous namespace, and nothing
+// from the standard library with external linkage is used, so two objects compiled for
+// different ISAs share no function: the linker cannot swap an AVX2 copy into baseline code.
+//
+// The math of each pass is documented in crbp_fast/hgru/reference.py; the argument structs in
+// kernel_table.h say which buffers each kernel reads and writes. Loops over pixels carry
+// `#pragma omp simd` (the build passes -fopenmp), which also lets the double-precision
+// reductions be reassociated into SIMD lanes.
+#ifndef CRBP_ISA
+#error "define CRBP_ISA (the namespace of this ISA's kernels) before including kernels_impl.h"
+#endif
+
+#include <cstdint>
+
+#include "kernel_table.h"
+
+#define CRBP_STR_(x) #x
+#define CRBP_STR(x) CRBP_STR_(x)
+
+namespace crbp::cpu::CRBP_ISA {
+namespace {
+
+#include "simd_math.h"
+
+using std::int64_t;
+
+// Copies the C rows of n pixels (stride hw) into a (C, kTile) block, zero-padded past n, so that
+// the channel mix below runs on full tiles.
+template <typename T>
+inline void load_rows(const T* src, int64_t channels, int64_t hw, int64_t n, T* rows) {
+  constexpr int64_t K = kTile<T>;
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* s = src + c * hw;
+    T* r = rows + c * K;
+    for (int64_t t = 0; t < n; ++t) r[t] = s[t];
+    for (int64_t t = n; t < K; ++t) r[t] = T(0);
+  }
+}
+
+template <typename T>
+inline void zero_tail(T* row, int64_t n) {
+  for (int64_t t = n; t < kTile<T>; ++t) row[t] = T(0);
+}
+
+// 32-byte SIMD vectors through GCC / Clang vector extensions: AVX2 registers in the AVX2 object,
+// pairs of SSE2 / NEON registers in the baseline one.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+};
+
+// Vectors by reference rather than by value: passing a 32-byte vector by value changes the ABI
+// of the baseline object (GCC's -Wpsabi note), even though everything here is inlined.
+template <typename V, typename T>
+inline void load_v(V& v, const T* p) {
+  __builtin_memcpy(&v, p, sizeof(V));
+}
+
+template <typename V, typename T>
+inline void store_v(T* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// The 1x1 conv of a tile: out[o][t] = bias[o] + sum_c w[o][c] rows[c][t] (bias may be null), for
+// all o < C and t < kTile, rows and out being (C, kTile) blocks. Register-blocked: 4 output
+// channels x 2 vectors of pixels accumulate in 8 registers while the input channels stream by,
+// 2 loads and 4 broadcasts feeding 8 FMAs.
+template <typename T>
+inline void mix_tile(const T* rows, const T* w, const T* bias, int64_t channels, T* out) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  constexpr int64_t K = kTile<T>;
+  static_assert(K % (2 * L) == 0, "a tile is a whole number of vector pairs");
+  int64_t o = 0;
+  for (; o + 4 <= channels; o += 4) {
+    const T* w0 = w + o * channels;
+    const T* w1 = w0 + channels;
+    const T* w2 = w1 + channels;
+    const T* w3 = w2 + channels;
+    const T b0 = bias ? bias[o] : T(0), b1 = bias ? bias[o + 1] : T(0);
+    const T b2 = bias ? bias[o + 2] : T(0), b3 = bias ? bias[o + 3] : T(0);
+    for (int64_t t = 0; t < K; t += 2 * L) {
+      V a0 = V{} + b0, a1 = a0, c0 = V{} + b1, c1 = c0, d0 = V{} + b2, d1 = d0, e0 = V{} + b3, e1 = e0;
+      for (int64_t c = 0; c < channels; ++c) {
+        V x0, x1;
+        load_v(x0, rows + c * K + t);
+        load_v(x1, rows + c * K + t + L);
+        const T s0 = w0[c], s1 = w1[c], s2 = w2[c], s3 = w3[c];
+        a0 += s0 * x0;
+        a1 += s0 * x1;
+        c0 += s1 * x0;
+        c1 += s1 * x1;
+        d0 += s2 * x0;
+        d1 += s2 * x1;
+        e0 += s3 * x0;
+        e1 += s3 * x1;
+      }
+      T* po = out + o * K + t;
+      store_v(po, a0);
+      store_v(po + L, a1);
+      store_v(po + K, c0);
+      store_v(po + K + L, c1);
+      store_v(po + 2 * K, d0);
+      store_v(po + 2 * K + L, d1);
+      store_v(po + 3 * K, e0);
+      store_v(po + 3 * K + L, e1);
+    }
+  }
+  for (; o < channels; ++o) {
+    const T* wo = w + o * channels;
+    const T bo = bias ? bias[o] : T(0);
+    for (int64_t t = 0; t < K; t += 2 * L) {
+      V a0 = V{} + bo, a1 = a0;
+      for (int64_t c = 0; c < channels; ++c) {
+        V x0, x1;
+        load_v(x0, rows + c * K + t);
+        load_v(x1, rows + c * K + t + L);
+        a0 += wo[c] * x0;
+        a1 += wo[c] * x1;
+      }
+      store_v(out + o * K + t, a0);
+      store_v(out + o * K + t + L, a1);
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// Normalisation statistics and applies (per plane or plane chunk)
+
+template <typename T>
+void moments(const T* x, int64_t n, double* mean, double* m2) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]);
+  const double m = s / static_cast<double>(n);
+  double q = 0;
+#pragma omp simd reduction(+ : q)
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - m;
+    q += d * d;
+  }
+  *mean = m;
+  *m2 = q;
+}
+
+template <typename T>
+void dot_sums(const T* dy, const T* xhat, int64_t n, double* sum_dy, double* sum_dy_xhat) {
+  double s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(dy[i]);
+    s1 += d;
+    s2 += d * static_cast<double>(xhat[i]);
+  }
+  *sum_dy = s1;
+  *sum_dy_xhat = s2;
+}
+
+template <typename T>
+void normalize(const T* x, T* y, int64_t n, T mean, T invstd, T weight, T bias) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = weight * ((x[i] - mean) * invstd) + bias;
+}
+
+template <typename T>
+void norm_vjp_apply(const T* dy, const T* xhat, T* dx, int64_t n, T a, T b, T c) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dx[i] = a * dy[i] + b + c * xhat[i];
+}
+
+// --------------------------------------------------------------------------------------------
+// Forward and linearize passes
+
+template <typename T>
+void gate_inh(const GateInhArgs<T>& a, int64_t channels, int64_t hw, int64_t n, T* scratch) {
+  constexpr int64_t K = kTile<T>;
+  T* mixed = scratch + channels * K;
+  load_rows(a.h, channels, hw, n, scratch);
+  mix_tile(scratch, a.w, a.bias, channels, mixed);
+  for (int64_t o = 0; o < channels; ++o) {
+    const T* acc = mixed + o * K;
+    const T* h = scratch + o * K;
+    T* hg = a.hg + o * hw;
+    if (a.g1 == nullptr) {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) hg[t] = h[t] * sigmoid(acc[t]);
+    } else {
+      T* g1 = a.g1 + o * hw;
+      T* slope = a.dhg_to_dm1 + o * hw;
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) {
+        const T g = sigmoid(acc[t]);
+        hg[t] = h[t] * g;
+        g1[t] = g;
+        slope[t] = h[t] * g * (T(1) - g);
+      }
+    }
+  }
+}
+
+template <typename T>
+void inhibit(const InhibitArgs<T>& a, int64_t channels, int64_t hw, int64_t n, T* scratch) {
+  constexpr int64_t K = kTile<T>;
+  for (int64_t c = 0; c < channels; ++c) {
+    const T mean = a.norm.mean[c], invstd = a.norm.invstd[c];
+    const T nw = a.norm.weight[c], nb = a.norm.bias[c];
+    const T alpha = a.alpha[c], mu = a.mu[c];
+    const int64_t off = c * hw;
+    const T* raw = a.c1_raw + off;
+    const T* x = a.x + off;
+    const T* h = a.h + off;
+    T* h1 = a.h1 + off;
+    T* row = scratch + c * K;  // h1 of the tile: the input of the U2 gate
+    if (a.dh1_to_dc1 == nullptr) {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) {
+        const T c1 = nw * ((raw[t] - mean) * invstd) + nb;
+        const T q = c1 * (alpha * h[t] + mu);
+        const T v = softplus(x[t] - softplus(q));
+        h1[t] = v;
+        row[t] = v;
+      }
+    } else {
+      T* dc1 = a.dh1_to_dc1 + off;
+      T* dh = a.dh1_to_dh + off;
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) {
+        const T c1 = nw * ((raw[t] - mean) * invstd) + nb;
+        const T gate = alpha * h[t] + mu;
+        const T q = c1 * gate;
+        T sp_q, sig_q, v, sig_r;
+        softplus_sigmoid(q, sp_q, sig_q);
+        softplus_sigmoid(x[t] - sp_q, v, sig_r);
+        const T k = -sig_r * sig_q;
+        h1[t] = v;
+        row[t] = v;
+        dc1[t] = k * gate;
+        dh[t] = k * c1 * alpha;
+      }
+      if (a.xhat != nullptr) {
+        T* xhat = a.xhat + off;
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) xhat[t] = (raw[t] - mean) * invstd;
+      }
+    }
+    zero_tail(row, n);
+  }
+  T* mixed = scratch + channels * K;
+  mix_tile(scratch, a.w, a.bias, channels, mixed);
+  for (int64_t o = 0; o < channels; ++o) {
+    const T* acc = mixed + o * K;
+    T* g2 = a.g2 + o * hw;
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) g2[t] = sigmoid(acc[t]);
+  }
+}
+
+template <typename T>
+void excite_mix(const ExciteMixArgs<T>& a, int64_t n) {
+  const T mean = a.mean, invstd = a.invstd, nw = a.weight, nb = a.bias;
+  const T kappa = a.kappa, gamma = a.gamma, omega = a.omega;
+  const T* raw = a.c2_raw;
+  const T* h = a.h;
+  const T* h1 = a.h1;
+  const T* g2 = a.g2;
+  T* out = a.out;
+  if (a.v_to_dc2 == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T c2 = nw * ((raw[i] - mean) * invstd) + nb;
+      const T e = kappa * h1[i] + gamma * c2 + omega * h1[i] * c2;
+      const T z = (T(1) - g2[i]) * h[i] + g2[i] * softplus(e);
+      out[i] = softplus(z);
+    }
+    return;
+  }
+  T* k_c2 = a.v_to_dc2;
+  T* k_h1 = a.v_to_dh1;
+  T* k_m2 = a.v_to_dm2;
+  T* k_h = a.v_to_dh;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T c2 = nw * ((raw[i] - mean) * invstd) + nb;
+    const T e = kappa * h1[i] + gamma * c2 + omega * h1[i] * c2;
+    T hh, sig_e, f, sig_z;
+    softplus_sigmoid(e, hh, sig_e);
+    const T g = g2[i];
+    softplus_sigmoid((T(1) - g) * h[i] + g * hh, f, sig_z);
+    out[i] = f;
+    const T de = sig_z * g * sig_e;  // dL/de per unit v
+    k_c2[i] = de * (gamma + omega * h1[i]);
+    k_h1[i] = de * (kappa + omega * c2);
+    k_m2[i] = sig_z * (hh - h[i]) * g * (T(1) - g);
+    k_h[i] = sig_z * (T(1) - g);
+  }
+  if (a.xhat != nullptr) {
+    T* xhat = a.xhat;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) xhat[i] = (raw[i] - mean) * invstd;
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// VJP passes
+
+template <typename T>
+void vjp_excite_mix(const VjpExciteMixArgs<T>& a, int64_t channels, int64_t hw, int64_t n, T* scratch) {
+  constexpr int64_t K = kTile<T>;
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t off = c * hw;
+    const T* v = a.v + off;
+    const T* k_c2 = a.v_to_dc2 + off;
+    const T* k_m2 = a.v_to_dm2 + off;
+    const T* k_h = a.v_to_dh + off;
+    T* dc2 = a.dc2 + off;
+    T* dh = a.dh + off;
+    T* row = scratch + c * K;  // dL/dm2, the input of U2^T
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) {
+      const T vv = v[t];
+      dc2[t] = vv * k_c2[t];
+      dh[t] = vv * k_h[t];
+      row[t] = vv * k_m2[t];
+    }
+    zero_tail(row, n);
+  }
+  T* mixed = scratch + channels * K;
+  mix_tile(scratch, a.w_t, static_cast<const T*>(nullptr), channels, mixed);
+  for (int64_t o = 0; o < channels; ++o) {
+    const T* acc = mixed + o * K;
+    const int64_t off = o * hw;
+    const T* v = a.v + off;
+    const T* k_h1 = a.v_to_dh1 + off;
+    T* dh1 = a.dh1 + off;
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) dh1[t] = v[t] * k_h1[t] + acc[t];
+  }
+}
+
+template <typename T>
+void vjp_inhibit(const VjpInhibitArgs<T>& a, int64_t n) {
+  const T* dh1 = a.dh1;
+  const T* extra = a.dh1_extra;
+  const T* dh = a.dh;
+  const T* k_c1 = a.dh1_to_dc1;
+  const T* k_h = a.dh1_to_dh;
+  T* dc1 = a.dc1;
+  T* dh_out = a.dh_out;
+  if (extra == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T d = dh1[i];
+      dc1[i] = d * k_c1[i];
+      dh_out[i] = dh[i] + d * k_h[i];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T d = dh1[i] + extra[i];
+      dc1[i] = d * k_c1[i];
+      dh_out[i] = dh[i] + d * k_h[i];
+    }
+  }
+}
+
+template <typename T>
+void vjp_gate_inh(const VjpGateInhArgs<T>& a, int64_t channels, int64_t hw, int64_t n, T* scratch) {
+  constexpr int64_t K = kTile<T>;
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t off = c * hw;
+    const T* dhg = a.dhg + off;
+    const T* slope = a.dhg_to_dm1 + off;
+    T* row = scratch + c * K;  // dL/dm1, the input of U1^T
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) row[t] = dhg[t] * slope[t];
+    zero_tail(row, n);
+  }
+  T* mixed = scratch + channels * K;
+  mix_tile(scratch, a.w_t, static_cast<const T*>(nullptr), channels, mixed);
+  for (int64_t o = 0; o < channels; ++o) {
+    const T* acc = mixed + o * K;
+    const int64_t off = o * hw;
+    const T* dhg = a.dhg + off;
+    const T* dh = a.dh + off;
+    const T* g1 = a.g1 + off;
+    T* out = a.dh_out + off;
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) out[t] = dh[t] + dhg[t] * g1[t] + acc[t];
+  }
+}
+
+template <typename T>
+constexpr KernelTable<T> kTable{
+    CRBP_STR(CRBP_ISA), &moments<T>,       &dot_sums<T>,    &normalize<T>,      &norm_vjp_apply<T>,
+    &gate_inh<T>,       &inhibit<T>,       &excite_mix<T>,  &vjp_excite_mix<T>, &vjp_inhibit<T>,
+    &vjp_gate_inh<T>,
+};
+
+}  // namespace
+
+template <typename T>
+const KernelTable<T>& kernel_table() {
+  return kTable<T>;
+}
+
+template const KernelTable<float>& kernel_table<float>();
+template const KernelTable<double>& kernel_table<double>();
+
+}  // namespace crbp::cpu::CRBP_ISA
+
+#undef CRBP_STR
+#undef CRBP_STR_
