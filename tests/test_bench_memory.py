@@ -62,6 +62,6 @@ def test_bench_all_writes_records_and_plots(tmp_path, capsys):
     rss = {(r.algorithm, r.steps): r for r in rows if r.peak_kind == "rss"}
     assert all(r.peak_bytes >= r.baseline_bytes > 0 for r in rss.values())
     measures = sorted(r.measure for r in rows if r.suite == "speed" and r.status == "ok")
-    assert measures == ["step", "train_iteration", "train_iteration", "vjp"]
+    assert measures == ["elementwise", "step", "train_iteration", "train_iteration", "vjp"]
     assert sorted(p.suffix for p in tmp_path.glob("*.png")) == [".png", ".png"]
-    assert "| crbp | torch | direct |" in out and "wrote 12 rows" in out
+    assert "| crbp | torch | direct |" in out and "wrote 13 rows" in out

@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 SUITES = ("memory", "speed")
 #: memory: one training iteration; speed: a no-grad step, one adjoint VJP, one training
 #: iteration, and a torch.compile'd reference step.
-MEASURES = ("train_iteration", "step", "vjp", "compiled_step")
+MEASURES = ("train_iteration", "step", "elementwise", "vjp", "compiled_step")
 STATUSES = ("ok", "unavailable", "out_of_memory")
 PEAK_KINDS = ("saved_for_backward", "rss", "cuda_max_allocated")
 DEVICE_TYPES = ("cpu", "cuda")

@@ -183,6 +183,57 @@ def step_fn(cell: HGRUCell, x: Tensor) -> Callable[[], Tensor]:
     return run
 
 
+class _ReplayConv:
+    """A conv engine that hands back precomputed outputs in call order (no arithmetic)."""
+
+    name = "replay"
+
+    def __init__(self, outputs: list[Tensor]):
+        self._outputs = outputs
+        self._calls = 0
+
+    def conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        out = self._outputs[self._calls % len(self._outputs)]
+        self._calls += 1
+        return out
+
+    def conv_transpose(self, y: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError("the replay engine only serves forward steps")
+
+
+class _RecordingConv:
+    """Wraps an engine and keeps every output, to replay them later."""
+
+    name = "recording"
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.outputs: list[Tensor] = []
+
+    def conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        self.outputs.append(self._engine.conv(x, weight))
+        return self.outputs[-1]
+
+    def conv_transpose(self, y: Tensor, weight: Tensor) -> Tensor:
+        return self._engine.conv_transpose(y, weight)
+
+
+def elementwise_fn(cell: HGRUCell, x: Tensor) -> Callable[[], Tensor]:
+    """The cell's no-grad step with both k x k conv outputs precomputed: its elementwise passes alone."""
+    h = settled_state(cell, x)
+    backend = resolve_backend(cell.backend, x.device)
+    recorder = _RecordingConv(conv_engines.resolve_conv(cell.conv, x, cell.kernel_size))
+    with torch.no_grad():
+        backend.step(cell.params(), x, h, recorder)
+    replay = _ReplayConv(recorder.outputs)
+
+    def run() -> Tensor:
+        with torch.no_grad():
+            return backend.step(cell.params(), x, h, replay)
+
+    return run
+
+
 def vjp_fn(cell: HGRUCell, x: Tensor, seed: int = 1) -> Callable[[], Tensor]:
     """One J^T v at the settled state, ``cell.linearize`` taken once (as in the adjoint loop)."""
     h = settled_state(cell, x)
@@ -319,6 +370,6 @@ def conv_fn(
 __all__ = [
     "PAPER_SHAPE", "PENALTY_WEIGHT", "PRESETS", "Preset", "QUICK_SHAPE", "SETTLE_STEPS", "SWEEP_BACKENDS",
     "SWEEP_CONVS", "Shape", "Sweep", "Unavailable", "conv_fn", "first_step", "is_out_of_memory", "make_cell",
-    "make_inputs", "resolve_device", "resolve_engines", "runnable_engines", "settled_state", "step_fn",
+    "elementwise_fn", "make_inputs", "resolve_device", "resolve_engines", "runnable_engines", "settled_state", "step_fn",
     "synchronize", "train_iteration_fn", "training_loss", "vjp_fn",
 ]

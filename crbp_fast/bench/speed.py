@@ -1,6 +1,7 @@
 """Speed of the single operations and of a training iteration, per algorithm, backend and conv.
 
-Measures (each a record row): ``step`` (one no-grad step F(x, h)), ``vjp`` (one adjoint
+Measures (each a record row): ``step`` (one no-grad step F(x, h)), ``elementwise`` (the same
+step with the two conv outputs precomputed: the backend's elementwise passes alone), ``vjp`` (one adjoint
 product J^T v, ``cell.linearize`` taken once), ``train_iteration`` (fixed point with N steps,
 loss, LCP penalty, backward) and ``compiled_step`` (``torch.compile`` of the reference cell's
 step, a baseline, in a child process with a time limit). Each is called ``warmup`` times (the
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from .child import run_in_child
 from .records import Environment, Record
 from .setups import (
-    Shape, Sweep, is_out_of_memory, make_cell, make_inputs, settled_state, step_fn, synchronize,
+    Shape, Sweep, elementwise_fn, is_out_of_memory, make_cell, make_inputs, settled_state, step_fn, synchronize,
     train_iteration_fn, vjp_fn,
 )
 
@@ -79,7 +80,7 @@ def run_speed(sweep: Sweep, env: Environment) -> list[Record]:
     shape = asdict(sweep.shape)
     tasks: list[tuple[str, str, str, str | None, int | None]] = []
     for backend, conv in sweep.available_engines():
-        tasks += [("step", backend, conv, None, None), ("vjp", backend, conv, None, None)]
+        tasks += [(m, backend, conv, None, None) for m in ("step", "elementwise", "vjp")]
         tasks += [("train_iteration", backend, conv, a, n) for a in sweep.algorithms for n in sweep.speed_steps]
     if sweep.compile:
         tasks.append(("compiled_step", "torch", "direct", None, None))
@@ -100,6 +101,8 @@ def _timed_row(sweep: Sweep, env: Environment, config: dict) -> Record:
         x = make_inputs(sweep.shape, device, sweep.seed)
         if measure == "step":
             fn = step_fn(cell, x)
+        elif measure == "elementwise":
+            fn = elementwise_fn(cell, x)
         elif measure == "vjp":
             fn = vjp_fn(cell, x)
         else:
