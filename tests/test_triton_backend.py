@@ -19,6 +19,8 @@ import torch
 
 pytest.importorskip("triton")
 
+import backend_cases  # noqa: E402
+from backend_cases import reference_vjp  # noqa: E402
 from conftest import assert_close, shape_id  # noqa: E402
 
 from crbp_fast import HGRUCell, fixed_point  # noqa: E402
@@ -35,50 +37,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 def make_problem(shape, k, norm, *, groups=None, dtype=torch.float32, device=CPU, backend="triton"):
-    """A cell with every parameter perturbed away from its init (gates off saturation, norm
-    affine and per-channel scalars not constant), a drive x and a positive state h."""
-    b, c, hgt, wid = shape
-    groups = groups or c
-    cell = HGRUCell(
-        c, k, norm=norm, norm_groups=groups if norm == "group" else 1, backend=backend, conv="direct",
-        device=device, dtype=dtype,
-    )
-    with torch.no_grad():
-        cell.u1_gate.bias.normal_()
-        cell.u2_gate.bias.normal_()
-        for param in (cell.alpha, cell.gamma, cell.kappa, cell.w, cell.mu):
-            param.add_(0.2 * torch.randn_like(param))
-        if norm != "none":
-            for mod in cell.bn.values():
-                mod.weight.copy_(1 + 0.3 * torch.randn_like(mod.weight))
-                mod.bias.normal_(0, 0.3)
-    x = torch.randn(shape, device=device, dtype=dtype)
-    h = torch.nn.functional.softplus(torch.randn(shape, device=device, dtype=dtype))
-    return cell, x, h
-
-
-def reference_vjp(cell, x, h, v):
-    """(F(x, h), J^T v) by autograd through the reference step."""
-    h = h.detach().requires_grad_(True)
-    out = reference.step(x, h, cell.params())
-    (u,) = torch.autograd.grad(out, h, v)
-    return out.detach(), u
+    return backend_cases.make_problem(shape, k, norm, backend=backend, dtype=dtype, groups=groups, device=device)
 
 
 def check_step_and_vjp(cell, x, h, rtol, engine=DIRECT):
-    """The backend's no-grad step, linearize and vjp (with the conv ``engine``) against autograd
-    through the reference step (direct conv)."""
-    params = cell.params()
-    backend = resolve_backend("triton", x.device)
-    v = torch.randn_like(x)
-    ref_out, ref_u = reference_vjp(cell, x, h, v)
-    with torch.no_grad():
-        out = backend.step(params, x, h, engine)
-    lin = backend.linearize(params, x, h, engine)
-    assert isinstance(lin, triton_hgru.TritonLinearization)
-    assert_close(out, ref_out, rtol, name="step")
-    assert_close(lin.state, ref_out, rtol, name="linearize state")
-    assert_close(lin.vjp(v), ref_u, rtol, name="vjp")
+    backend_cases.check_step_and_vjp("triton", triton_hgru.TritonLinearization, cell, x, h, rtol, engine)
 
 
 SMALL = (3, 5, 13, 11)

@@ -229,12 +229,18 @@ def plot_speed(rows: list[Record], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 2]})
     ax = axes[0]
     if ops:
-        labels = [f"{r.measure}\n{_label(r)}" for r in ops]
+        # Horizontal bars, one labelled row each, on a log axis: the operations span decades.
+        labels = [f"{r.measure}  {_label(r)}" for r in ops]
         med = [r.median_s * 1e3 for r in ops]
         err = [[(r.median_s - r.p20_s) * 1e3 for r in ops], [(r.p80_s - r.median_s) * 1e3 for r in ops]]
-        ax.bar(range(len(ops)), med, yerr=err, capsize=3, color="tab:gray")
-        ax.set_xticks(range(len(ops)), labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("ms per call (median)")
+        ax.barh(range(len(ops)), med, xerr=err, capsize=3, color="tab:gray")
+        ax.set_yticks(range(len(ops)), labels, fontsize=7)
+        ax.invert_yaxis()
+        if max(med) > 10 * min(med):
+            ax.set_xscale("log")
+        for i, m in enumerate(med):
+            ax.text(m, i, f" {m:.3g}" if m < 100 else f" {m:.0f}", va="center", fontsize=6)
+    ax.set_xlabel("ms per call (median, 20-80% whiskers)")
     ax.set_title("single operations", fontsize=9)
     ax = axes[1]
     if train:

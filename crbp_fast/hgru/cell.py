@@ -197,13 +197,8 @@ class HGRUCell(nn.Module):
 
     @property
     def padding(self) -> int:
+        """The 'same' padding of the horizontal convs (an attribute of the published module)."""
         return self.kernel_size // 2
-
-    @staticmethod
-    def flops_per_step(shape: tuple[int, int, int, int], kernel_size: int) -> float:
-        """Multiply-adds x 2 of the two k x k convolutions of one step (the dominant cost)."""
-        b, c, h, w = shape
-        return 2 * 2.0 * b * c * c * h * w * kernel_size * kernel_size
 
 
 __all__ = ["HGRUCell", "GATE_BIAS_INITS"]
