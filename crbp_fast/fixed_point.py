@@ -267,16 +267,14 @@ def fixed_point(
     if not implicit:
         h = h0
         for t in range(steps):
+            if with_penalty and t == steps - 1 and not h.requires_grad:
+                # The LCP differentiates the last step w.r.t. its input: make a constant
+                # input (h0 when N = 1, or a state that does not depend on anything tracked) a leaf.
+                h = h.detach().requires_grad_(True)
             prev, h = h, f(x, h)
             watch.update(h.detach(), t + 1)
         watch.check(steps)
-        penalty = None
-        if with_penalty:
-            # h_{N-1} is a node of the graph when N > 1 (or the user's h0, which may be a leaf).
-            if not prev.requires_grad:
-                prev = prev.detach().requires_grad_(True)
-                h = f(x, prev)
-            penalty = lcp_from_step(h, prev, lcp_target, create_graph=True)
+        penalty = lcp_from_step(h, prev, lcp_target, create_graph=True) if with_penalty else None
         with torch.no_grad():
             stats.steps, stats.forward_residual = steps, _relative_residual(h, prev)
         return FixedPointResult(h, penalty, stats)

@@ -351,3 +351,15 @@ def test_stats_as_dict_is_json_ready():
     d = json.loads(json.dumps(res.stats.as_dict()))
     assert d["algorithm"] == "crbp" and d["steps"] == 4 and len(d["forward_residual"]) == 2
     assert d["adjoint_iterations"] >= 1 and d["backward_calls"] == 1
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_cbptt_penalty_is_lcp_at_last_step(steps):
+    f = contractive_cell()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    res = fixed_point(f, x, steps=steps, algorithm="cbptt", lcp_target=0.05)
+    with torch.no_grad():
+        h_prev = fixed_point(f, x, steps=steps - 1, algorithm="bptt").state if steps > 1 else torch.zeros_like(x)
+    assert_close(res.penalty.detach(), lcp_penalty(f, x, h_prev, target=0.05).detach(), rtol=1e-12, name="penalty")
+    res.penalty.backward()
+    assert f.alpha.grad is not None and torch.isfinite(f.alpha.grad).all()
