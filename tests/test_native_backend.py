@@ -166,10 +166,7 @@ def test_non_contiguous_inputs():
 
 def test_conv_engine_fft():
     cell, x, h = make_problem((2, 5, 17, 15), 5, "batch")
-    try:
-        engine = conv_engines.resolve_conv("fft", x, 5)
-    except NotImplementedError:
-        pytest.skip("no FFT conv engine in this version")
+    engine = conv_engines.resolve_conv("fft", x, 5)
     check_step_and_vjp(cell, x, h, 1e-10, engine=engine)
 
 
