@@ -7,8 +7,12 @@ import os
 import pytest
 import torch
 
-# The Triton interpreter must be chosen before any triton kernel is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The Triton interpreter must be chosen before any triton kernel is defined, and only where no
+# CUDA device exists: with one, the kernels are compiled for it (the interpreter would run them
+# on host copies of CUDA tensors, and under triton 3.6 with numpy >= 2 it fails outright).
+# ``torch.cuda.is_available`` does not import triton, so asking it first is safe.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

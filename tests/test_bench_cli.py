@@ -1,12 +1,17 @@
-"""``crbp-fast bench`` on bad input: one line on stderr, exit code 2, no traceback, no rows."""
+"""``crbp-fast bench`` on bad input: one line on stderr, exit code 2, no traceback, no rows; and on
+failures mid-run: every finished row kept, none half-written."""
 
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import crbp_fast.bench.cli as bench_cli
-from crbp_fast.bench.records import cpu_model_name, device_slug
+from crbp_fast.bench.records import cpu_model_name, device_slug, read_records
 from crbp_fast.cli import main
 
 
@@ -92,11 +97,44 @@ def test_malformed_records_file_is_refused_before_the_sweep(tmp_path, capsys):
     assert "memory" not in out
 
 
-def test_a_failure_mid_run_writes_no_rows(tmp_path, capsys, monkeypatch):
-    def broken_speed(sweep, env):
+def test_a_failure_mid_run_keeps_the_rows_measured_before_it(tmp_path, capsys, monkeypatch):
+    def broken_speed(sweep, env, emit):
         raise RuntimeError("the speed suite broke after the memory suite ran")
 
     monkeypatch.setattr(bench_cli, "run_speed", broken_speed)
     with pytest.raises(RuntimeError, match="speed suite broke"):
         main(["bench", "all", *TINY, "--algorithms", "rbp", "--out", str(tmp_path)])
-    assert not list(tmp_path.rglob("*.jsonl"))
+    (path,) = tmp_path.glob("*.jsonl")
+    rows = read_records(path)
+    assert [(r.suite, r.algorithm, r.steps) for r in rows] == [("memory", "rbp", 1), ("memory", "rbp", 2)]
+    assert "wrote 2 rows" in capsys.readouterr().out
+
+
+_KILLED_MID_SPEED = """
+import os, signal, sys
+import crbp_fast.bench.speed as speed
+real, calls = speed._timed_row, []
+def timed_row(*args):
+    calls.append(1)
+    if len(calls) == 3:  # SIGKILL in the middle of the third measurement: no handler runs
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+speed._timed_row = timed_row
+from crbp_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_run_keeps_every_row_it_finished(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_SPEED, "bench", "speed", *TINY, "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("*.jsonl")
+    rows = read_records(path)  # every line parses: nothing half-written
+    assert [r.measure for r in rows] == ["step", "elementwise"] and all(r.status == "ok" for r in rows)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_tf32_is_refused_on_cpu(tmp_path, capsys):
+    code, _, err = run_cli(capsys, ["bench", "speed", *TINY, "--device", "cpu", "--tf32", "--out", str(tmp_path)])
+    assert code == 2 and "--tf32: TF32 exists on CUDA devices only" in err

@@ -17,7 +17,7 @@ from crbp_fast.bench.records import (
 def make_env(run_id: str = "run-1", timestamp: str = "2026-01-01T00:00:00+00:00") -> Environment:
     return Environment(
         run_id=run_id, timestamp=timestamp, preset="quick", device_type="cpu", device_name="Test CPU 9000",
-        threads=1, torch_version="2.13.0", triton_version=None, python_version="3.11.0",
+        threads=1, tf32_matmul=None, tf32_cudnn=None, torch_version="2.13.0", triton_version=None, python_version="3.11.0",
         git_commit="0123456789abcdef", git_dirty=False,
     )
 
@@ -48,6 +48,31 @@ def test_valid_rows_round_trip():
                 env.record(suite="speed", measure="compiled_step", status="unavailable", note="no compiler",
                            backend="torch", conv="direct", **SHAPE)):
         assert Record.from_dict(json.loads(row.to_json())) == row
+
+
+def cuda_env() -> Environment:
+    return dataclasses.replace(make_env(), device_type="cuda", device_name="NVIDIA H200", tf32_matmul=False,
+                               tf32_cudnn=False)
+
+
+def test_cuda_rows_say_which_float32_math_they_ran_under():
+    row = speed_row(cuda_env(), conv="fft")
+    assert (row.tf32_matmul, row.tf32_cudnn) == (False, False)
+    assert Record.from_dict(json.loads(row.to_json())) == row
+    with pytest.raises(RecordError, match="tf32_cudnn: a CUDA row must say whether TF32 was allowed"):
+        speed_row(dataclasses.replace(cuda_env(), tf32_cudnn=None))
+    with pytest.raises(RecordError, match="tf32_matmul: expected None on 'cpu'"):
+        speed_row(dataclasses.replace(make_env(), tf32_matmul=True))
+
+
+def test_schema_1_rows_are_read_with_the_tf32_fields_unknown(tmp_path):
+    data = json.loads(memory_row(make_env()).to_json())
+    del data["tf32_matmul"], data["tf32_cudnn"]
+    data["schema"] = 1
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps(data) + "\n")
+    (row,) = read_records(path)
+    assert row.schema == 2 and row.tf32_matmul is None and row.peak_bytes == data["peak_bytes"]
 
 
 @pytest.mark.parametrize(("change", "field"), [

@@ -10,6 +10,7 @@ not write fails ``assert_close``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -212,16 +213,30 @@ for storage in ("fp32", "bf16"):
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
 @pytest.mark.skipif(
     importlib.util.find_spec("triton.backends.nvidia") is None, reason="triton without its NVIDIA backend",
 )
 def test_kernels_compile_for_sm90():
-    """Without a GPU, the kernels still go through triton's whole NVIDIA pipeline (TTIR, TTGIR,
-    LLVM, PTX, ptxas) for an H100, outside the interpreter, in float32 and bfloat16 storage."""
+    """The kernels go through triton's whole NVIDIA pipeline (TTIR, TTGIR, LLVM, PTX, ptxas) for
+    an H100, outside the interpreter, in float32 and bfloat16 storage: without a GPU this is the
+    only check that they compile; with one it also covers the variants the GPU tests do not launch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_autotune_key_holds_the_variant_switches():
+    """Each compiled variant (with / without the norm, with / without the factor stores) is tuned
+    on its own: the switches a kernel takes are part of its autotune key."""
+    from crbp_fast.triton import kernels as K
+
+    for name in ("moments", "gate_inh", "inhibit", "excite_mix", "vjp_excite_mix", "norm_vjp", "vjp_inhibit",
+                 "vjp_gate_inh"):
+        tuner = getattr(K, name)
+        takes = set(inspect.signature(tuner.fn.fn).parameters) & set(K.VARIANT_FLAGS)
+        assert takes <= set(tuner.keys), (name, tuner.keys)
+        assert {"HW"} <= set(tuner.keys), (name, tuner.keys)
+    assert {"NORM", "LIN"} <= set(K.inhibit.keys) and {"NORM", "LIN"} <= set(K.excite_mix.keys)
 
 
 def test_rejects_half_precision_on_cpu():

@@ -7,7 +7,10 @@
 
 Without ``--quick`` or ``--paper`` the preset is ``--paper`` on CUDA and ``--quick`` on CPU;
 every other option overrides the preset's value. Rows are appended to
-``<out>/<device-slug>.jsonl`` only once the whole run has succeeded.
+``<out>/<device-slug>.jsonl`` as each configuration is measured, so an interrupted run keeps
+what it measured. On CUDA, float32 convolutions and matmuls run without TF32 unless ``--tf32``
+(then both do): the direct (cuDNN) and FFT (matmul channel mix) engines are always compared at
+equal precision, and every row records the setting.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ def _add_sweep_options(parser: argparse.ArgumentParser, snapshot: bool) -> None:
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="also time torch.compile of the reference step (default: on with --paper)")
     add("--compile-timeout", type=float, default=600.0, metavar="S", help="give up on torch.compile after S s")
+    add("--tf32", action=argparse.BooleanOptionalAction, default=False,
+        help="CUDA: allow TF32 in both cuDNN convolutions and matmuls (default: off, full float32 for both)")
     add("--no-rss", dest="rss", action="store_false",
         help="CPU: skip the peak RSS of a fresh child process per configuration")
     add("--rss-jobs", type=int, metavar="J", help="RSS child processes at a time (default: 2 with --quick, else 1)")
@@ -203,6 +208,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if sweep.device.type == "cuda":
         # The direct engine is measured at its best: cuDNN picks its fastest algorithm per shape.
         torch.backends.cudnn.benchmark = True
+        # One precision for both engines (torch's defaults differ: TF32 in cuDNN, not in matmuls).
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    elif args.tf32:
+        raise CLIError(f"--tf32: TF32 exists on CUDA devices only, but the device is {sweep.device}")
     env = Environment.capture(sweep.device, preset)
     path = records_path(out, env.device_name)
     if path.exists():
@@ -219,13 +229,20 @@ def _run_sweep(args: argparse.Namespace) -> int:
             f"none of --backends {' '.join(sweep.backends)} x --conv {' '.join(sweep.convs)} can run on "
             f"{sweep.device} (see the notes above)"
         )
-    rows = []
-    if "memory" in args.suites:
-        rows += run_memory(sweep, env, snapshot)
-    if "speed" in args.suites:
-        rows += run_speed(sweep, env)
-    append_records(path, rows)
-    print(f"\nwrote {len(rows)} rows to {path}")
+    written: list = []
+
+    def emit(rows: list) -> None:
+        append_records(path, rows)
+        written.extend(rows)
+
+    try:
+        if "memory" in args.suites:
+            run_memory(sweep, env, snapshot, emit)
+        if "speed" in args.suites:
+            run_speed(sweep, env, emit)
+    finally:
+        print(f"\nwrote {len(written)} rows to {path}")
+    rows = written
     if snapshot is not None:
         print(f"wrote the CUDA memory snapshot to {snapshot} (open it at https://pytorch.org/memory_viz)")
     shown = rows

@@ -22,6 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -99,12 +100,17 @@ def _saved_and_cuda_peak(
     return saved.total, baseline, peak, stats.adjoint_iterations
 
 
-def run_memory(sweep: Sweep, env: Environment, snapshot: Path | None = None) -> list[Record]:
-    """The memory suite over ``sweep``; returns the rows (nothing is written here).
+def run_memory(
+    sweep: Sweep, env: Environment, snapshot: Path | None = None,
+    emit: Callable[[list[Record]], None] | None = None,
+) -> list[Record]:
+    """The memory suite over ``sweep``; returns the rows, and hands each configuration's rows to
+    ``emit`` as soon as they are measured (the CLI appends them to the records file there).
 
     Each configuration runs once in this process (saved bytes; CUDA peak), then, on CPU, once
     more in a fresh child for its peak RSS (``sweep.rss_jobs`` children at a time).
     """
+    emit = emit or (lambda rows: None)
     device = sweep.device
     cuda = device.type == "cuda"
     configs = [
@@ -118,6 +124,7 @@ def run_memory(sweep: Sweep, env: Environment, snapshot: Path | None = None) -> 
     try:
         for config in tqdm(configs, desc="memory", unit="cfg"):
             rows.append(_measure_in_process(sweep, env, config, cuda))
+            emit(rows[-1])
         if snapshot is not None:
             torch.cuda.memory._dump_snapshot(str(snapshot))
     finally:
@@ -129,6 +136,7 @@ def run_memory(sweep: Sweep, env: Environment, snapshot: Path | None = None) -> 
             futures = {pool.submit(_rss_row, sweep, env, configs[i]): i for i in measured}
             for future in tqdm(as_completed(futures), total=len(futures), desc="memory (rss)", unit="cfg"):
                 rows[futures[future]].append(future.result())
+                emit([rows[futures[future]][-1]])
     return [row for config_rows in rows for row in config_rows]
 
 

@@ -2,9 +2,15 @@
 
 A row says what was measured (``suite``, ``measure``), on what (device, versions, commit), at
 which configuration (shape, algorithm, backend, conv engine, N, adjoint steps) and the result
-(peak bytes and their kind, or median / 20% / 80% seconds and images per second). Rows of a
-device go to ``<out>/<device-slug>.jsonl``; :func:`append_records` validates every row first
-and then replaces the file in one step, so a failed run leaves it untouched.
+(peak bytes and their kind, or median / 20% / 80% seconds and images per second). A CUDA row
+also says which float32 math it ran under (``tf32_matmul``, ``tf32_cudnn``: whether matmuls and
+cuDNN convolutions were allowed TF32), so that engines are compared at equal precision. Rows of
+a device go to ``<out>/<device-slug>.jsonl``; :func:`append_records` validates every row first
+and then replaces the file in one step. The suites append each configuration's rows as soon as
+they are measured, so a run that fails or is killed keeps every row it finished, and no row is
+ever half-written.
+
+Schema 2 added the TF32 fields; schema-1 rows (all from CPU runs) are read with them unknown.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 
 from ..fixed_point import ALGORITHMS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SUITES = ("memory", "speed")
 #: memory: one training iteration; speed: a no-grad step, one adjoint VJP, one training
 #: iteration, and a torch.compile'd reference step.
@@ -67,6 +73,8 @@ class Record:
     device_type: str
     device_name: str
     threads: int  # torch.get_num_threads() during the measurement
+    tf32_matmul: bool | None  # CUDA: torch.backends.cuda.matmul.allow_tf32 (None on CPU)
+    tf32_cudnn: bool | None  # CUDA: torch.backends.cudnn.allow_tf32 (None on CPU)
     dtype: str
     torch_version: str
     triton_version: str | None
@@ -131,6 +139,13 @@ class Record:
         self._check_consistency()
 
     def _check_consistency(self) -> None:
+        cuda = self.device_type == "cuda"
+        for name in ("tf32_matmul", "tf32_cudnn"):
+            value = getattr(self, name)
+            if cuda and value is None:
+                raise RecordError(f"{name}: a CUDA row must say whether TF32 was allowed, got None")
+            if not cuda and value is not None:
+                raise RecordError(f"{name}: expected None on {self.device_type!r}, got {value!r}")
         train = self.measure == "train_iteration"
         for name in ("algorithm", "steps", "adjoint_steps"):
             if train and getattr(self, name) is None:
@@ -168,6 +183,8 @@ class Record:
         """A record from a parsed JSON row; unknown or missing keys are errors."""
         if not isinstance(data, dict):
             raise RecordError(f"row: expected a JSON object, got {type(data).__name__}")
+        if data.get("schema") == 1 and "tf32_matmul" not in data and "tf32_cudnn" not in data:
+            data = {**data, "schema": SCHEMA_VERSION, "tf32_matmul": None, "tf32_cudnn": None}
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(names))
         missing = [n for n in names if n not in data]
@@ -215,6 +232,8 @@ class Environment:
     device_type: str
     device_name: str
     threads: int
+    tf32_matmul: bool | None
+    tf32_cudnn: bool | None
     torch_version: str
     triton_version: str | None
     python_version: str
@@ -225,10 +244,14 @@ class Environment:
     def capture(cls, device: torch.device, preset: str) -> Environment:
         now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
         commit, dirty = git_state()
+        cuda = device.type == "cuda"
         return cls(
             run_id=f"{now.strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}", timestamp=now.isoformat(),
             preset=preset, device_type=device.type, device_name=device_name(device),
-            threads=torch.get_num_threads(), torch_version=torch.__version__,
+            threads=torch.get_num_threads(),
+            tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None,
+            tf32_cudnn=bool(torch.backends.cudnn.allow_tf32) if cuda else None,
+            torch_version=torch.__version__,
             triton_version=package_version("triton"), python_version=platform.python_version(),
             git_commit=commit, git_dirty=dirty,
         )

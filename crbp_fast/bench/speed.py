@@ -75,8 +75,13 @@ def compiled_step_child(shape: dict, device: str, threads: int, seed: int, repea
     return {"samples": time_calls(run, dev, repeats), "compile_s": compile_s}
 
 
-def run_speed(sweep: Sweep, env: Environment) -> list[Record]:
-    """The speed suite over ``sweep``; returns the rows (nothing is written here)."""
+def run_speed(sweep: Sweep, env: Environment, emit: Callable[[list[Record]], None] | None = None) -> list[Record]:
+    """The speed suite over ``sweep``; returns the rows, and hands each to ``emit`` as soon as it
+    is measured (the CLI appends it to the records file there).
+
+    The ``torch.compile`` baseline comes last: it is the one measurement that can take minutes.
+    """
+    emit = emit or (lambda rows: None)
     shape = asdict(sweep.shape)
     tasks: list[tuple[str, str, str, str | None, int | None]] = []
     for backend, conv in sweep.available_engines():
@@ -89,6 +94,7 @@ def run_speed(sweep: Sweep, env: Environment) -> list[Record]:
         config = dict(suite="speed", measure=measure, backend=backend, conv=conv, algorithm=algorithm, steps=steps,
                       adjoint_steps=sweep.adjoint_steps if measure == "train_iteration" else None, **shape)
         rows.append(_compiled_row(sweep, env, config) if measure == "compiled_step" else _timed_row(sweep, env, config))
+        emit(rows[-1:])
     return rows
 
 

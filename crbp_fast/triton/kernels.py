@@ -16,10 +16,15 @@ Loads upcast to ``ACC`` (float32, or float64 for float64 tensors), stores cast b
 output's dtype, addresses are int64. Softplus and sigmoid are evaluated from ``exp(-|x|)``, so
 neither overflows, and ``log1p`` is computed without libdevice. The chunk sizes and the autotune
 configs depend on whether triton defined these kernels for its interpreter (``INTERPRETED``):
-one small config there, a small tuned set on GPU.
+one small config there, a small tuned set on GPU (``CRBP_FAST_TRITON_ONE_CONFIG=1``: its first
+config only, no autotuning). The autotune key holds the problem size and the variant switches
+(``NORM``, ``LIN``); triton adds the tensors' dtypes.
 """
 
 from __future__ import annotations
+
+import inspect
+import os
 
 try:
     import triton
@@ -407,12 +412,28 @@ else:
     ]
 
 
+if os.environ.get("CRBP_FAST_TRITON_ONE_CONFIG") == "1":
+    # One config per kernel shape, no autotuning: a quick GPU check (each autotuned variant
+    # compiles every config) and reproducible launches.
+    _PLANE_CONFIGS, _TILE_CONFIGS = _PLANE_CONFIGS[:1], _TILE_CONFIGS[:1]
+
+#: The constexpr switches that select a different compiled variant of a kernel: the autotuner
+#: must tune each variant on its own (the norm's extra loads and the factor stores change the
+#: best block size), so they are part of its key wherever a kernel has them.
+VARIANT_FLAGS = ("NORM", "LIN")
+
+
+def _autotuned(kernel, configs, key):
+    names = inspect.signature(kernel.fn).parameters
+    return triton.autotune(configs=configs, key=[*key, *(f for f in VARIANT_FLAGS if f in names)])(kernel)
+
+
 def _plane(kernel):
-    return triton.autotune(configs=_PLANE_CONFIGS, key=["HW"])(kernel)
+    return _autotuned(kernel, _PLANE_CONFIGS, ["HW"])
 
 
 def _tile(kernel):
-    return triton.autotune(configs=_TILE_CONFIGS, key=["C", "HW"])(kernel)
+    return _autotuned(kernel, _TILE_CONFIGS, ["C", "HW"])
 
 
 moments = _plane(_moments_kernel)
