@@ -1,45 +1,205 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared script for a machine with a CUDA GPU (the device tool's
-# H100/H200 image: python3 with a CUDA torch and triton, nvcc, no package index).
+# The GPU checks, as one prepared run for the GPU machine (an H200 or H100 image: python3 with a
+# CUDA torch and triton, nvcc somewhere, maybe a read-only site-packages, no package index).
 #
-#   bash scripts/gpu_checks.sh [quick|full]
+#   bash scripts/gpu_checks.sh smoke    # <= 4 min: versions, CUDA build, the compiled gpu tests of
+#                                       #   native and of Triton (one config), the paper-shape
+#                                       #   checks, fp32 bandwidth
+#   bash scripts/gpu_checks.sh full     # <= 6 min: bf16 bandwidth, bench memory (crbp N=1..80,
+#                                       #   bptt N=1..20), bench speed of every backend x conv
+#                                       #   engine, then the whole test suite on the GPU (autotuned)
+#   CRBP_GPU_DRYRUN=1 OUT=DIR bash scripts/gpu_checks.sh smoke|full   # the same stages on CPU, tiny
 #
-# 1. builds the native extension with its CUDA part;
-# 2. runs the GPU-marked tests (Triton, native CUDA, FFT engine) and the whole suite's GPU paths;
-# 3. the Triton passes' bandwidth against the device-to-device copy (fp32 and bf16);
-# 4. the benchmark suite at the paper shape (memory and speed, every backend and conv engine);
-# and copies logs and records to $OUT (the device tool's folder) or benchmarks/results/.
-# "quick" (default) keeps the sweep small enough for a 15-minute device budget.
+# Send smoke, then full, back to back on one warm machine: full reuses smoke's in-place build.
+# Everything goes to $OUT (the device tool's folder; a new temporary folder when OUT is unset),
+# at most 8 files, at most one folder deep:
+#   run.log       everything every stage printed, in order
+#   summary.txt   one line per stage: PASS / FAIL / TIMEOUT / NOT REACHED, seconds, why
+#   build.log     the whole output of the extension build
+#   tests-*.xml   JUnit reports of the pytest stages (smoke: gpu + paper; full: full)
+#   bandwidth.jsonl    Triton pass bandwidth rows (fp32 in smoke, bf16 in full)
+#   records/      full only: the bench records (<device>.jsonl) and their two plots
+# Each stage runs under its own `timeout`, clipped to what is left of the mode's budget; a
+# stage that fails does not stop the next ones. A failed CUDA build is logged in full and the
+# run goes on without the native extension (Triton and torch), saying so. Exit 0 when every
+# stage passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE="${1:-quick}"
-DEST="${OUT:-benchmarks/results}"
-mkdir -p "$DEST"
+ROOT=$PWD
+MODE="${1:-smoke}"
+case "$MODE" in
+  smoke) BUDGET=235 ;;
+  full) BUDGET=355 ;;
+  *) echo "gpu_checks.sh: expected 'smoke' or 'full', got '$MODE'" >&2; exit 2 ;;
+esac
+DRY="${CRBP_GPU_DRYRUN:-0}"
+OUT="${OUT:-$(mktemp -d -t crbp-gpu-checks.XXXXXX)}"
+mkdir -p "$OUT"
+LOG="$OUT/run.log"
+SUMMARY="$OUT/summary.txt"
+: >"$LOG"
+: >"$SUMMARY"
+START=$(date +%s)
+FAILED=0
+
 export PYTHONUNBUFFERED=1
-step() { echo; echo "== $* ($(date +%T))"; }
+export TQDM_MININTERVAL=30  # progress bars would fill the log's tail
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build: nothing written to site-packages
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
-step "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+say() { echo "$*" | tee -a "$LOG"; }
 
-step "build (CUDA extension)"
-CRBP_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20
-python3 -c "from crbp_fast.native import _C; print('native CUDA built:', _C.with_cuda())"
-
-step "GPU tests"
-python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$DEST/gpu_tests.log" | tail -30
-
-step "Triton bandwidth (fraction of device-to-device copy)"
-for dt in float32 bfloat16; do
-  python3 -m crbp_fast.triton.bandwidth --dtype $dt --out "$DEST/triton_bandwidth.jsonl" 2>&1 | tail -20
-done
-
-step "benchmark suite, paper shape"
-if [ "$MODE" = full ]; then
-  python3 -m crbp_fast.cli bench all --paper --out "$DEST"
+if [ "$DRY" = 1 ]; then
+  # CPU stand-in: the project's environment, Triton in its interpreter, tiny shapes, no CUDA.
+  PY=$(bash scripts/setup_env.sh 2>>"$LOG") || { say "setup_env.sh failed (see $LOG)"; exit 1; }
+  export TRITON_INTERPRET=1
+  export CUDA_VISIBLE_DEVICES=""
+  SHAPE_BENCH=(--batch 2 --size 12 --channels 3 --kernel-size 3 --repeats 2 --warmup 1 --no-rss --adjoint-steps 3)
+  MEM_CRBP=(1 2 4)
+  MEM_BPTT=(1 2)
+  SPEED_STEPS=(2)
+  BW_ARGS=(--shape 1 3 9 7 --kernel-size 3 --repeats 2 --device cpu)
+  BF16=float32  # the CPU kernels have no bfloat16 storage: the stage's plumbing runs in float32
 else
-  python3 -m crbp_fast.cli bench memory --paper --steps 1 20 80 --algorithms bptt crbp --backends torch triton native --conv fft --out "$DEST"
-  python3 -m crbp_fast.cli bench speed --paper --speed-steps 20 --algorithms bptt crbp --backends torch triton native --conv direct fft --repeats 10 --out "$DEST"
+  PY=python3
+  SHAPE_BENCH=(--paper --repeats 5 --warmup 2)
+  MEM_CRBP=(1 5 10 20 40 80)
+  MEM_BPTT=(1 5 10 20)
+  SPEED_STEPS=(6 20)
+  BW_ARGS=(--repeats 20)
+  BF16=bfloat16
 fi
-ls -la "$DEST"
+
+# stage NAME SECONDS CMD...: run CMD under `timeout`, clipped to the budget left; log and summarise.
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 10 ]; then
+    printf '%-22s NOT REACHED  (%ss of the %ss budget left)\n' "$name" "$left" "$BUDGET" >>"$SUMMARY"
+    say "== $name: not reached ($left s of the budget left)"
+    FAILED=1
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  say ""
+  say "== $name (limit ${limit}s, $(date +%T))"
+  local t0 rc
+  t0=$(date +%s)
+  # a stage may be a function of this script: `timeout` runs it in a child bash (exported below)
+  if declare -F "$1" >/dev/null; then set -- bash -c '"$@"' "$name" "$@"; fi
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  local secs=$(($(date +%s) - t0)) status=PASS why=""
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status=TIMEOUT why="killed after ${limit}s"
+  elif [ "$rc" -ne 0 ]; then
+    status=FAIL why="exit $rc"
+  fi
+  [ "$status" != PASS ] && FAILED=1
+  printf '%-22s %-12s %4ss  %s\n' "$name" "$status" "$secs" "$why" >>"$SUMMARY"
+  say "== $name: $status (${secs}s) $why"
+  [ "$status" = PASS ]
+}
+
+versions() {
+  if [ "$DRY" = 1 ]; then
+    echo "DRY RUN on CPU: $(uname -m), $(nproc) cores; no CUDA build, Triton in the interpreter, tiny shapes"
+  else
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || return 1
+  fi
+  "$PY" - <<'PYEOF' || return 1
+import os, sys, sysconfig
+import numpy, torch
+try:
+    import triton
+    tv = triton.__version__
+except Exception as err:  # noqa: BLE001
+    tv = f"unavailable ({err})"
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+print("triton", tv, "numpy", numpy.__version__)
+purelib = sysconfig.get_paths()["purelib"]
+print("site-packages", purelib, "writable" if os.access(purelib, os.W_OK) else "read-only")
+print("TF32 defaults: matmul", torch.backends.cuda.matmul.allow_tf32, "cudnn", torch.backends.cudnn.allow_tf32)
+PYEOF
+  if [ "$DRY" != 1 ]; then
+    "$PY" scripts/cuda_home.py || return 1
+    nvcc --version | tail -2
+  fi
+}
+
+build() {
+  if [ "$DRY" = 1 ]; then
+    echo "dry run: no CUDA build; the CPU extension of scripts/setup_env.sh is used" | tee "$OUT/build.log"
+    "$PY" -c "from crbp_fast.native import _C; print('native extension:', _C.__file__, 'cuda', _C.with_cuda())"
+    return
+  fi
+  # In place (the checkout is on PYTHONPATH): works with a read-only site-packages; ninja
+  # rebuilds only what changed, so full after smoke on a warm machine costs seconds.
+  echo "CRBP_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} $PY setup.py build_ext --inplace" >"$OUT/build.log"
+  CRBP_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/build.log"
+  [ "$rc" -eq 0 ] || { echo "build failed (exit $rc); the whole log is build.log"; return "$rc"; }
+  "$PY" -c "from crbp_fast.native import _C; assert _C.with_cuda(), 'built without CUDA'; print('native CUDA built:', _C.__file__)"
+}
+
+pytest_stage() {  # pytest_stage NAME SECONDS XML-SUFFIX PYTEST-ARGS...
+  local name=$1 limit=$2 xml=$3
+  shift 3
+  stage "$name" "$limit" "$PY" -m pytest -p no:cacheprovider -v -rfEs --junitxml="$OUT/tests-$xml.xml" "$@"
+}
+
+bench() { "$PY" -m crbp_fast.cli bench "$@"; }
+
+export -f versions build bench
+export DRY PY OUT
+
+say "gpu_checks.sh $MODE$([ "$DRY" = 1 ] && echo ' (dry run)') -> $OUT, budget ${BUDGET}s, commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '-dirty')"
+stage versions 40 versions
+if ! stage build 170 build; then
+  say "!! the native extension did not build: the stages below run without it (Triton and torch only)"
+  export CRBP_FAST_NO_EXT=1
+fi
+
+if [ "$MODE" = smoke ]; then
+  # One Triton config per kernel (no autotuning) keeps the compile time of the smoke run small.
+  NATIVE_TESTS=(tests/test_native_backend.py)
+  [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && NATIVE_TESTS=()
+  GPU_ONLY=(-m gpu)
+  [ "$DRY" = 1 ] && GPU_ONLY=()  # on CPU every gpu test skips: run the files' CPU tests instead
+  CRBP_FAST_TRITON_ONE_CONFIG=1 pytest_stage "gpu tests" 120 smoke "${GPU_ONLY[@]}" "${NATIVE_TESTS[@]}" \
+    tests/test_triton_backend.py
+  CRBP_FAST_TRITON_ONE_CONFIG=1 pytest_stage "paper-shape checks" 90 paper tests/test_paper_shape.py
+  stage "bandwidth fp32" 45 "$PY" -m crbp_fast.triton.bandwidth --dtype float32 "${BW_ARGS[@]}" --out "$OUT/bandwidth.jsonl"
+else
+  # The records first (the README's GPU table is filled from them; rows are kept as measured),
+  # then the whole suite with what is left of the budget.
+  mkdir -p "$OUT/records"
+  ENGINES=(--backends torch triton native)
+  [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && ENGINES=(--backends torch triton)
+  stage "bandwidth bf16" 30 "$PY" -m crbp_fast.triton.bandwidth --dtype "$BF16" "${BW_ARGS[@]}" --out "$OUT/bandwidth.jsonl"
+  stage "bench memory crbp" 40 bench memory "${SHAPE_BENCH[@]}" --algorithms crbp --steps "${MEM_CRBP[@]}" \
+    --backends triton --conv fft --out "$OUT/records"
+  stage "bench memory bptt" 40 bench memory "${SHAPE_BENCH[@]}" --algorithms bptt --steps "${MEM_BPTT[@]}" \
+    --backends triton --conv fft --out "$OUT/records"
+  stage "bench speed" 110 bench speed "${SHAPE_BENCH[@]}" "${ENGINES[@]}" --conv direct fft --algorithms bptt crbp \
+    --speed-steps "${SPEED_STEPS[@]}" --compile-timeout 40 --out "$OUT/records"
+  stage "bench plot" 15 bench plot --records "$OUT"/records/*.jsonl --out "$OUT/records"
+  IGNORE=()
+  [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && IGNORE=(--ignore=tests/test_native_backend.py)
+  pytest_stage "test suite" 200 full tests "${IGNORE[@]}" --ignore=tests/test_paper_shape.py
+fi
+
+# The device tool brings back at most 8 files, at most two folders down; this run promises one.
+FILES=$(find "$OUT" -type f | wc -l)
+DEEP=$(find "$OUT" -mindepth 3 | wc -l)
+if [ "$FILES" -gt 8 ] || [ "$DEEP" -gt 0 ]; then
+  printf '%-22s FAIL          %s files (at most 8), %s paths deeper than one folder\n' "output rules" "$FILES" "$DEEP" >>"$SUMMARY"
+  FAILED=1
+fi
+say ""
+say "== summary: gpu_checks.sh $MODE$([ "$DRY" = 1 ] && echo ' (dry run)'), $(($(date +%s) - START))s of ${BUDGET}s, $FILES files in $OUT"
+tee -a "$LOG" <"$SUMMARY"
+exit "$FAILED"

@@ -41,6 +41,17 @@ def _seed_and_poison(monkeypatch):
     yield
 
 
+@pytest.fixture
+def full_float32():
+    """No TF32 in cuDNN convolutions or in matmuls, so every engine computes the same float32
+    math; restored after. (monkeypatch cannot do this: torch's backend flags are properties of
+    a module object, and its undo would try to delete them.)"""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0, name: str = "") -> None:
     """Relative-RMSE check with a max-abs escape hatch, and a hard fail on NaN/inf."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

@@ -189,3 +189,12 @@ def test_h_none_means_zeros():
     cell = HGRUCell(3, 3)
     x = torch.randn(2, 3, 5, 5)
     assert torch.equal(cell(x), cell(x, torch.zeros_like(x)))
+
+
+def test_half_precision_cells_get_the_published_orthogonal_init():
+    """QR has no bfloat16 kernel: the init orthogonalises in float32 and rounds."""
+    cell = HGRUCell(6, 3, dtype=torch.bfloat16)
+    for weight in (cell.w_gate_inh, cell.w_gate_exc, cell.u1_gate.weight, cell.u2_gate.weight):
+        assert weight.dtype == torch.bfloat16
+        rows = weight.float().reshape(weight.shape[0], -1)
+        assert torch.allclose(rows @ rows.T, torch.eye(6), atol=2e-2)

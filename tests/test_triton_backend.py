@@ -2,7 +2,9 @@
 torch.compile tracing.
 
 On CPU the kernels run under triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before any kernel is defined), on small odd shapes; tests marked ``gpu`` need CUDA. The autouse
+before any kernel is defined, where no CUDA device exists), on small odd shapes; with CUDA the
+same small-shape tests run compiled on the GPU (``DEV``), except the few that check the
+interpreter path itself; tests marked ``gpu`` need CUDA. The autouse
 fixture of conftest fills every torch.empty buffer with NaN, so an output element a kernel does
 not write fails ``assert_close``.
 """
@@ -34,10 +36,14 @@ from crbp_fast.triton import hgru as triton_hgru  # noqa: E402
 
 NORMS = ("batch", "group", "none")
 CPU = torch.device("cpu")
+DEV = torch.device("cuda") if torch.cuda.is_available() else CPU  # where the Triton kernels run here
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+interpreter_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the CPU interpreter path; with CUDA the kernels are compiled",
+)
 
 
-def make_problem(shape, k, norm, *, groups=None, dtype=torch.float32, device=CPU, backend="triton"):
+def make_problem(shape, k, norm, *, groups=None, dtype=torch.float32, device=DEV, backend="triton"):
     return backend_cases.make_problem(shape, k, norm, backend=backend, dtype=dtype, groups=groups, device=device)
 
 
@@ -78,8 +84,8 @@ def test_fft_conv_engine():
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_norm_stats_without_cancellation(norm):
     """|mean| >> std: shifted per-chunk moments keep the variance that sum / sum-of-squares loses."""
-    c_raw = 1000 + 0.01 * torch.randn(2, 4, 20, 17)
-    spec = reference.NormSpec(norm, torch.ones(4), torch.zeros(4), 1e-12, 2)
+    c_raw = 1000 + 0.01 * torch.randn(2, 4, 20, 17, device=DEV)
+    spec = reference.NormSpec(norm, torch.ones(4, device=DEV), torch.zeros(4, device=DEV), 1e-12, 2)
     mean, invstd = triton_hgru.norm_stats(c_raw, spec)
     ref_mean, ref_invstd = (t.expand(2, 4, 1, 1).reshape(2, 4) for t in reference.norm_stats(c_raw.double(), spec))
     assert_close(mean, ref_mean, 1e-7, name="mean")
@@ -118,7 +124,7 @@ def test_engine_gradients_match_torch_backend(algorithm):
     """Same state_dict, same drive: the untracked steps and the adjoint's J^T v run fused on one
     side and in the reference on the other; every gradient (LCP penalty included) agrees."""
     torch_cell, x, _ = make_problem((2, 3, 9, 7), 3, "batch", backend="torch")
-    triton_cell = HGRUCell(3, 3, backend="triton", conv="direct")
+    triton_cell = HGRUCell(3, 3, backend="triton", conv="direct", device=DEV)
     triton_cell.load_state_dict(torch_cell.state_dict())
     weight = torch.randn_like(x)
     grads = []
@@ -149,6 +155,7 @@ def test_compile_traces_step_and_vjp():
         assert_close(vjp(v), triton_hgru.vjp(v, factors, params), 1e-6, name="compiled vjp")
 
 
+@interpreter_only
 def test_availability(monkeypatch):
     assert resolve_backend("triton", CPU).name == "triton"
     assert resolve_backend("auto", CPU).name != "triton"
@@ -161,7 +168,7 @@ def test_availability(monkeypatch):
 def test_wide_cells_fall_back_to_the_reference(monkeypatch, caplog):
     monkeypatch.setattr(triton_hgru, "MAX_CHANNELS", 4)
     cell, x, h = make_problem((2, 5, 6, 5), 3, "batch")
-    backend = resolve_backend("triton", CPU)
+    backend = resolve_backend("triton", DEV)
     with torch.no_grad():
         out = backend.step(cell.params(), x, h, DIRECT)
     lin = backend.linearize(cell.params(), x, h, DIRECT)
@@ -172,7 +179,7 @@ def test_wide_cells_fall_back_to_the_reference(monkeypatch, caplog):
 
 def test_bandwidth_rows():
     """The GPU bandwidth check's code path, on a tiny shape (the numbers mean nothing here)."""
-    rows = bandwidth.measure((1, 2, 5, 4), 3, "batch", torch.float32, CPU, repeats=1)
+    rows = bandwidth.measure((1, 2, 5, 4), 3, "batch", torch.float32, DEV, repeats=1)
     assert [row["pass"] for row in rows[-2:]] == ["step passes", "vjp passes"]
     assert rows[-2]["tensors"] == 12 and rows[-1]["tensors"] == 27
     assert all(row["gbps"] > 0 and row["fraction_of_copy"] > 0 for row in rows)
@@ -239,6 +246,7 @@ def test_autotune_key_holds_the_variant_switches():
     assert {"NORM", "LIN"} <= set(K.inhibit.keys) and {"NORM", "LIN"} <= set(K.excite_mix.keys)
 
 
+@interpreter_only
 def test_rejects_half_precision_on_cpu():
     cell, x, h = make_problem(SMALL, 3, "none")
     with pytest.raises(TypeError, match="supports dtypes"):
@@ -253,10 +261,9 @@ CUDA_SHAPE = (4, 25, 67, 61)
 
 
 @pytest.fixture
-def exact_cuda_convs(monkeypatch):
+def exact_cuda_convs(full_float32):
     """No TF32 in the convolutions, so both sides compute the same float32 convolution."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    yield
 
 
 @pytest.mark.gpu

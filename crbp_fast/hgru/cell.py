@@ -96,7 +96,12 @@ class HGRUCell(nn.Module):
     def reset_parameters(self) -> None:
         """The published initialisation (DESIGN section 2)."""
         for weight in (self.w_gate_inh, self.w_gate_exc, self.u1_gate.weight, self.u2_gate.weight):
-            nn.init.orthogonal_(weight)
+            if weight.dtype in (torch.float16, torch.bfloat16):
+                # QR (geqrf) has no half-precision kernel: orthogonalise in float32, then round
+                with torch.no_grad():
+                    weight.copy_(nn.init.orthogonal_(torch.empty_like(weight, dtype=torch.float32)))
+            else:
+                nn.init.orthogonal_(weight)
         if self.norm != "none":
             for mod in self.bn.values():
                 nn.init.constant_(mod.weight, 0.1)

@@ -9,7 +9,7 @@ the full (B, C, H, W) tensors it reads and writes (the counts of :mod:`crbp_fast
 times the element size; per-channel parameters and reduction partials are left out. The copy
 bandwidth is that of ``dst.copy_(src)`` on one such tensor (read + write). ``norm_stats`` is
 the moments pass plus the (B, C) torch ops that merge the chunks, so its fraction shows what
-those small ops cost. One JSON line per pass, then the step's and the VJP's fused passes
+those small ops cost. One JSON line per pass (appended as it is measured), then the step's and the VJP's fused passes
 together; step / VJP / training-iteration timings are the benchmark suite's (``crbp-fast bench``).
 """
 
@@ -56,9 +56,11 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
 
 def measure(
     shape: tuple[int, int, int, int], kernel_size: int, norm: str, dtype: torch.dtype,
-    device: torch.device, repeats: int,
+    device: torch.device, repeats: int, emit: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One row per fused pass, then one per group (step, VJP); see the module docstring."""
+    """One row per fused pass, then one per group (step, VJP); see the module docstring. Each
+    row is handed to ``emit`` as soon as it is measured."""
+    emit = emit or (lambda row: None)
     b, c, hgt, wid = shape
     cell = HGRUCell(c, kernel_size, norm=norm, norm_groups=c if norm == "group" else 1, backend="triton",
                     conv="direct", device=device, dtype=dtype)
@@ -105,10 +107,12 @@ def measure(
         with torch.no_grad():
             seconds[name] = median_seconds(fn, device, repeats)
         rows.append(_row(env, name, tensors, tensor_bytes, seconds[name], copy_bw))
+        emit(rows[-1])
     for group, names in (("step passes", STEP_PASSES), ("vjp passes", VJP_PASSES)):
         names = [n for n in names if n in seconds]
         tensors = sum(passes[n][0] for n in names)
         rows.append(_row(env, group, tensors, tensor_bytes, sum(seconds[n] for n in names), copy_bw))
+        emit(rows[-1])
     return rows
 
 
@@ -135,12 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     reason = hgru.unavailable_reason(device)
     if reason:
         parser.exit(2, f"{parser.prog}: error: backend 'triton' cannot run on {device}: {reason}\n")
-    rows = measure(tuple(args.shape), args.kernel_size, args.norm, getattr(torch, args.dtype), device, args.repeats)
-    lines = [json.dumps(row) for row in rows]
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write("\n".join(lines) + "\n")
+
+    def emit(row: dict) -> None:  # one whole line per pass, as it is measured: a killed run keeps them
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(line + "\n")
+
+    measure(tuple(args.shape), args.kernel_size, args.norm, getattr(torch, args.dtype), device, args.repeats, emit)
 
 
 if __name__ == "__main__":
