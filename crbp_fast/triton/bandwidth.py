@@ -99,6 +99,9 @@ def measure(
         "torch": torch.__version__, "triton": triton.__version__, "shape": list(shape),
         "kernel_size": kernel_size, "norm": norm, "dtype": str(dtype).removeprefix("torch."),
         "repeats": repeats, "copy_gbps": copy_bw / 1e9,
+        # the fused passes use neither; recorded so every GPU row says what float32 math was allowed
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None,
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
     }
     rows, seconds = [], {}
     for name, (tensors, fn) in passes.items():
