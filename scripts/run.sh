@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh)
-exec "$PY" -m crbp_fast.cli bench all "$@"
+# Records and plots go to bench-results/ (git-ignored), so the checkout stays clean; the
+# committed records in benchmarks/results/ are curated (README: "To commit a run"). A later
+# --out in "$@" wins.
+exec "$PY" -m crbp_fast.cli bench all --out bench-results "$@"
