@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.ops import masks_to_boxes
 
 IGNORE = 255
@@ -224,7 +223,7 @@ class CocoPanoptic(Dataset):
         for path in (image_path, seg_path):
             if not path.is_file():
                 raise PanopticDataError(f"{self.paths.annotations}: image {meta['id']} names {path}, which is missing")
-        image = decode_image(read_file(str(image_path)), mode=ImageReadMode.RGB).float() / 255
+        image = torch.from_numpy(np.array(Image.open(image_path).convert("RGB"))).permute(2, 0, 1).float() / 255
         ids = torch.from_numpy(rgb_to_id(np.asarray(Image.open(seg_path).convert("RGB"))))
         if ids.shape != image.shape[1:]:
             raise PanopticDataError(f"{seg_path}: shape {tuple(ids.shape)} differs from its image's {tuple(image.shape[1:])}")

@@ -210,8 +210,13 @@ def _train(config: PanopticTrainConfig, env, after_step) -> PanopticTrainResult:
             untrained = run_eval(0)
             _set_rng_state(state)
         model.train()
+        # Starting a DataLoader iterator draws a seed from the global RNG; the RPN and ROI
+        # samplers draw from it too, so keep the draw out of the stream for an exact resume.
+        state = _rng_state()
+        batches = iter(loader)
+        _set_rng_state(state)
         with _StopFlag() as stop:
-            for images, targets in loader:
+            for images, targets in batches:
                 t0 = time.perf_counter()
                 images = [im.to(env.device) for im in images]
                 targets = [{k: (v.to(env.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
