@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "crbp_fast.train", "train a Pathfinder hGRU with bptt / cbptt / rbp / crbp (DDP via torchrun)"),
     ("diagnose", "crbp_fast.diagnose", "stability past the training N: metric per step, state space, KS test"),
     ("bench", "crbp_fast.bench.cli", "benchmark suite and memory profiler: what C-RBP costs against BPTT"),
+    ("panoptic", "crbp_fast.panoptic.cli", "recurrent Panoptic FPN on torchvision: data, train, eval, memory"),
 ]
 
 

@@ -1,5 +1,6 @@
-"""The hGRU cell: reference passes, backends, and the module."""
+"""The hGRU cell: reference passes, backends, and the module; and its convolutional FPN variant."""
 
 from .cell import HGRUCell
+from .conv_hgru import ConvHGRUCell
 
-__all__ = ["HGRUCell"]
+__all__ = ["ConvHGRUCell", "HGRUCell"]
