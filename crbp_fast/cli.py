@@ -44,4 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m crbp_fast.cli` this file runs as __main__, a module apart from the
+    # crbp_fast.cli that the subcommands import CLIError from: call that module's main, or their
+    # errors would not be caught here and would end in a traceback.
+    from crbp_fast.cli import main as _main
+
+    sys.exit(_main())

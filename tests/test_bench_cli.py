@@ -138,3 +138,12 @@ def test_a_killed_run_keeps_every_row_it_finished(tmp_path):
 def test_tf32_is_refused_on_cpu(tmp_path, capsys):
     code, _, err = run_cli(capsys, ["bench", "speed", *TINY, "--device", "cpu", "--tf32", "--out", str(tmp_path)])
     assert code == 2 and "--tf32: TF32 exists on CUDA devices only" in err
+
+
+def test_python_m_cli_errors_are_one_line_too(tmp_path):
+    """`python -m crbp_fast.cli` (what scripts/gpu_checks.sh runs) reports a user error as the
+    installed command does: one line, exit code 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "crbp_fast.cli", "bench", "memory", "--batch", "0", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["crbp-fast bench: error: --batch: expected a number >= 1, got 0"]
