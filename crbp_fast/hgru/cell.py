@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -61,13 +63,19 @@ class HGRUCell(nn.Module):
         conv_engines.check_conv_name(conv)
         if norm == "group" and (not isinstance(norm_groups, int) or norm_groups < 1 or channels % norm_groups):
             raise ValueError(f"norm_groups: expected a positive divisor of channels={channels}, got {norm_groups!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype such as torch.float32, got {dtype!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps: expected a finite number > 0 (the normalisation's epsilon), got {eps!r}")
+        try:
+            torch.device(device) if device is not None else None
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"device: expected a torch.device or a name such as 'cpu' or 'cuda', got {device!r}: {err}") from None
         self.channels = channels
         self.kernel_size = kernel_size
         self.norm = norm
         self.norm_groups = norm_groups if norm == "group" else 1
-        self.eps = eps
+        self.eps = float(eps)
         self.gate_bias_init = gate_bias_init
         self.backend = backend
         self.conv = conv
@@ -151,11 +159,27 @@ class HGRUCell(nn.Module):
             )
         if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"x: expected non-empty batch and spatial dims, got {tuple(x.shape)}")
-        if self.norm == "batch" and self.training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-            raise ValueError(f"x: batch statistics need more than one value per channel, got shape {tuple(x.shape)}")
+        if self.norm == "batch" and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            # Batch statistics are used in eval mode too (as published), where one value per
+            # channel would normalise every output to the bias: a constant, not an error.
+            raise ValueError(
+                f"x: norm='batch' takes statistics over (B, H, W) in training and in eval and needs more than "
+                f"one value per channel, got shape {tuple(x.shape)}; use a larger batch or norm='group'"
+            )
+        if self.norm == "group" and (self.channels // self.norm_groups) * x.shape[2] * x.shape[3] < 2:
+            raise ValueError(
+                f"x: norm='group' with {self.norm_groups} groups of {self.channels // self.norm_groups} channel(s) needs "
+                f"more than one value per group, got shape {tuple(x.shape)}; use fewer norm_groups or larger images"
+            )
         param = self.w_gate_inh
         if x.device != param.device:
             raise ValueError(f"x: is on device {x.device} but the cell's parameters are on {param.device}")
+        if x.device.type == "meta":
+            raise ValueError(
+                "x: is on device meta, where the cell cannot run (meta tensors hold no values); expected "
+                "cpu or cuda: materialise the cell with cell.to_empty(device='cpu') and cell.reset_parameters(), "
+                "or load a state_dict"
+            )
         if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"x: has dtype {x.dtype} but the cell's parameters are {param.dtype}; "
