@@ -136,7 +136,7 @@ class TrainConfig:
             )
         if self.epochs is not None and self.data is None and self.train_size is None:
             raise ConfigError("epochs: needs a finite training set: pass data (a generated directory) or train_size")
-        for name in ("adjoint_tol", "lcp_weight", "lr", "focal_gamma"):
+        for name in ("adjoint_tol", "lcp_weight", "lcp_target", "lr", "focal_gamma"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name}: expected a finite number >= 0, got {value!r}")
@@ -574,7 +574,15 @@ def _train_locked(config: TrainConfig, env: _Dist, after_backward, after_step, d
     ckpt_path, log_path = out / CHECKPOINT_FILE, out / LOG_FILE
 
     torch.manual_seed(config.seed)
-    model = build_model(config).to(env.device)
+    try:
+        model = build_model(config).to(env.device)
+        # Resolve the backend and conv engine for this device now, so that a backend that cannot
+        # run here (triton without a GPU) is a config error before anything is written.
+        from .hgru.backends import resolve_backend
+
+        resolve_backend(config.backend, env.device)
+    except (ValueError, TypeError, RuntimeError) as err:  # the cell's messages name the argument
+        raise ConfigError(str(err)) from None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start, elapsed = 0, 0.0
     if ckpt_path.exists():
@@ -699,9 +707,11 @@ def _train_locked(config: TrainConfig, env: _Dist, after_backward, after_step, d
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     """Add ``crbp-fast train``."""
+    from .cli import DefaultsHelpFormatter
+
     d = TrainConfig()
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("data")
     from_data = "; with --data: the directory's"
     g.add_argument("--task", help=f"one of {TASKS} (default: {d.task}{from_data})")
