@@ -123,9 +123,19 @@ class HGRUCell(nn.Module):
             del state_dict[key]
 
     def extra_repr(self) -> str:
+        # Say what will run, not only what was asked for: "auto" resolves per device (backend)
+        # and per input shape (conv engine).
+        device = self.w_gate_inh.device
+        try:
+            runs = resolve_backend(self.backend, device).name
+            backend = f"{self.backend!r}" + ("" if runs == self.backend else f" (runs {runs!r} on {device.type})")
+        except Exception:  # a repr must not raise; running the cell says why
+            backend = f"{self.backend!r} (cannot run on {device.type})"
+        conv = f"{self.conv!r}" + (" (direct or fft, chosen per input shape)" if self.conv == "auto" else "")
+        norm = f"{self.norm!r}" + (f", norm_groups={self.norm_groups}" if self.norm == "group" else "")
         return (
-            f"channels={self.channels}, kernel_size={self.kernel_size}, norm={self.norm!r}, "
-            f"backend={self.backend!r}, conv={self.conv!r}"
+            f"channels={self.channels}, kernel_size={self.kernel_size}, norm={norm}, eps={self.eps:g}, "
+            f"gate_bias_init={self.gate_bias_init!r}, backend={backend}, conv={conv}"
         )
 
     # ---------------------------------------------------------------------------------------
