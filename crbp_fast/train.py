@@ -8,8 +8,11 @@
   LCP penalty for cbptt / crbp; Adam.
 - Held-out metrics (IoU, F1, balanced accuracy, accuracy of the positive class, pooled over the
   set) on samples from the disjoint index range starting at ``EVAL_INDEX_OFFSET``.
-- Output (``--out``): ``checkpoint.pt`` (model, optimizer, step, RNG states, config; written
-  atomically), ``log.jsonl`` (one record per logged step and per evaluation), ``config.json``.
+- Output (``--out``): ``checkpoint.pt`` (model, optimizer, step, RNG states, config, a
+  fingerprint of the training data; written atomically), ``log.jsonl`` (one record per logged
+  step and per evaluation), ``config.json``. A run holds an exclusive lock on ``OUT/.lock``, so
+  a second run into the same folder is refused; temporaries a killed run left are removed on
+  start; ``--resume`` refuses data other than the checkpoint's fingerprint, naming both.
 - Multi-process: launch with ``torchrun`` (``nccl`` on GPU, ``gloo`` on CPU); each process takes
   ``batch_size`` samples of a global batch (a DistributedSampler-like stride over its indices),
   DDP averages the gradients, and only rank 0 writes.

@@ -39,7 +39,12 @@ class HGRUCell(nn.Module):
         backend: ``"torch"`` (reference), ``"triton"``, ``"native"`` or ``"auto"``.
         conv: horizontal convolution engine, ``"direct"``, ``"fft"`` or ``"auto"``.
         norm_groups: groups of ``norm="group"``; must divide ``channels``.
-        eps: the normalisation's epsilon (1e-3 as published).
+        eps: the normalisation's epsilon, a finite number > 0 (1e-3 as published).
+        device, dtype: where and in which floating ``torch.dtype`` the parameters live (a
+            cell may be built on ``"meta"`` for deferred initialisation, but not run there).
+
+    Normalisation statistics need more than one value per channel (``"batch"``, in training
+    and in eval, since batch statistics are used in both) or per group (``"group"``).
 
     Example:
         >>> cell = HGRUCell(channels=25, kernel_size=15)
