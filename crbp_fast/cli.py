@@ -25,6 +25,24 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help once, and only where it says something.
+
+    argparse's ArgumentDefaultsHelpFormatter appends it to every option, so a help text that
+    already explains its default got a second one (``(default: trained) (default: None)``) and
+    a flag got its internal value (``--no-progress ... (default: True)``).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crbp-fast", description="C-RBP for recurrent vision models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,12 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"crbp-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A file the user named cannot be read or written (read-only --out, a file where a
+        # folder is expected, a full disk): the environment's fault, so one line, not a traceback.
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"crbp-fast {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    # Under `python -m crbp_fast.cli` this file runs as __main__, a module apart from the
-    # crbp_fast.cli that the subcommands import CLIError from: call that module's main, or their
-    # errors would not be caught here and would end in a traceback.
+    # ``python -m crbp_fast.cli`` (as torchrun launches it) runs this file as ``__main__``; the
+    # subcommands raise ``crbp_fast.cli.CLIError``, which is another class than ``__main__``'s,
+    # so run the imported module's main for its errors to be caught.
     from crbp_fast.cli import main as _main
 
     sys.exit(_main())

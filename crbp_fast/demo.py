@@ -10,6 +10,7 @@ for backward (counted with saved-tensor hooks), which grow with N for BPTT and s
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -32,9 +33,36 @@ def saved_bytes_during(fn) -> tuple[object, int]:
     return out, sum(storages.values())
 
 
+def _check(args: argparse.Namespace) -> torch.device:
+    """The demo's options, checked up front; ``CLIError`` naming the first one out of range."""
+    import math
+
+    from .cli import CLIError
+
+    for option, value, low in (("--iterations", args.iterations, 1), ("--batch", args.batch, 1),
+                               ("--channels", args.channels, 1), ("--size", args.size, 1),
+                               ("--adjoint-steps", args.adjoint_steps, 0)):
+        if value < low:
+            raise CLIError(f"{option}: expected an int >= {low}, got {value}")
+    if any(n < 1 for n in args.steps):
+        raise CLIError(f"--steps: expected values of N >= 1, got {' '.join(map(str, args.steps))}")
+    for option, value in (("--lr", args.lr), ("--lcp-weight", args.lcp_weight)):
+        if not (math.isfinite(value) and value >= 0) or (option == "--lr" and value == 0):
+            raise CLIError(f"{option}: expected a finite number {'> 0' if option == '--lr' else '>= 0'}, got {value}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cell = HGRUCell(args.channels, args.kernel_size, backend=args.backend, conv=args.conv, device=device)
+        from .hgru.backends import resolve_backend
+
+        resolve_backend(cell.backend, device)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise CLIError(str(err)) from None
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
+    device = _check(args)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     b, c, s, k = args.batch, args.channels, args.size, args.kernel_size
     clean = (torch.rand(b, c, s, s, device=device) > 0.8).float()
     drive = clean + 0.5 * torch.randn_like(clean)
@@ -96,7 +124,13 @@ def register(subparsers, name: str, help_text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m crbp_fast.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    from .cli import CLIError
+
+    try:
+        return run(p.parse_args(argv))
+    except CLIError as err:
+        print(f"python -m crbp_fast.demo: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -346,8 +346,10 @@ def diagnose(
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     """Add ``crbp-fast diagnose``."""
+    from .cli import DefaultsHelpFormatter
+
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint.pt files of `crbp-fast train`")
     p.add_argument("--train-steps", type=int, default=None, help="N (default: each checkpoint's training steps)")
     p.add_argument("--test-steps", type=int, required=True, help="T, the steps to run")

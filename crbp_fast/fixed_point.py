@@ -122,6 +122,29 @@ def _nonneg_float(arg: str, value: object) -> float:
     return out
 
 
+def _checked_step(f: Callable, x: Tensor, h: Tensor) -> Tensor:
+    """``f(x, h)``, refused unless it is a state like ``h``: same shape, dtype and device.
+
+    The engine iterates h <- f(x, h) and differentiates through the last step, so a module that
+    crops, pools or averages over the batch (a broadcastable but different shape), changes the
+    dtype or moves the state would otherwise run, and train, on something that is not a fixed
+    point of anything. The checks read metadata only (no host synchronisation).
+    """
+    out = f(x, h)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"f: expected f(x, h) to return a torch.Tensor like h, got {type(out).__name__}")
+    if out.shape != h.shape:
+        raise ValueError(
+            f"f: expected f(x, h) to return a state of h's shape {tuple(h.shape)}, got {tuple(out.shape)}; "
+            f"a fixed-point step maps a state to a state of the same shape"
+        )
+    if out.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+        raise TypeError(f"f: expected f(x, h) to return h's dtype {h.dtype}, got {out.dtype}")
+    if out.device != h.device:
+        raise ValueError(f"f: expected f(x, h) to return a state on h's device {h.device}, got {out.device}")
+    return out
+
+
 def _relative_residual(h_new: Tensor, h_old: Tensor) -> Tensor:
     dims = tuple(range(1, h_new.dim()))
     num = torch.linalg.vector_norm((h_new - h_old).float(), dim=dims)
@@ -160,7 +183,9 @@ def fixed_point(
     """Run ``h <- f(x, h)`` towards its fixed point and make the result trainable.
 
     Args:
-        f: any module (or callable) with ``f(x, h) -> h``. If it has ``linearize(x, h)``
+        f: any module (or callable) with ``f(x, h) -> h``; every call must return a tensor of
+            h's shape, dtype and device (else ``ValueError`` / ``TypeError`` naming ``f``).
+            If it has ``linearize(x, h)``
             (returning an object with ``.state`` and ``.vjp(v)``) the adjoint uses it.
         x: the drive, passed unchanged to every step. Gradients flow to whatever produced it.
         h0: the initial state; zeros of the shape of ``x`` when None.
@@ -174,9 +199,14 @@ def fixed_point(
         adjoint_steps: the most J^T v products per backward.
         adjoint_tol: relative tolerance of the adjoint (0: run exactly ``adjoint_steps``).
         adjoint_solver: ``"neumann"`` (the series sum_k (J^T)^k v, as published) or ``"anderson"``.
-        adjoint_rule: ``"relative"`` (tolerance plus a divergence guard that warns) or
-            ``"published"`` (stop when ||g|| > 1, ||v|| grows or ||v|| < 1e-9).
-        lcp_target: lambda of the LCP penalty of cbptt/crbp.
+        adjoint_rule: ``"relative"`` (tolerance plus a divergence guard) or
+            ``"published"`` (stop when ||g|| > 1, ||v|| grows or ||v|| < 1e-9). Under either
+            rule and either solver, a diverged adjoint (a non-finite term, a term past 1e4 x
+            the first, or a last term larger than the first) warns with
+            :class:`AdjointDivergenceWarning`, sets ``stats.adjoint_stop = "diverged"`` and
+            returns the best partial Neumann sum (where ||(J^T)^k v|| was smallest), never the
+            diverging sum: the gradient stays finite and bounded.
+        lcp_target: lambda of the LCP penalty of cbptt/crbp (a finite number >= 0).
         use_linearize: use ``f.linearize`` for the adjoint (None: when f has it).
         check_finite: raise ``FloatingPointError`` naming the step if the state turns NaN/inf.
 
@@ -211,10 +241,7 @@ def fixed_point(
     damping = _nonneg_float("anderson_damping", anderson_damping)
     if not 0 < damping <= 1:
         raise ValueError(f"anderson_damping: expected a number in (0, 1], got {anderson_damping!r}")
-    try:
-        lcp_target = float(lcp_target)
-    except (TypeError, ValueError):
-        raise TypeError(f"lcp_target: expected a number, got {lcp_target!r}") from None
+    lcp_target = _nonneg_float("lcp_target", lcp_target)
     if h0 is None:
         h0 = torch.zeros_like(x)
     elif not isinstance(h0, Tensor):
@@ -242,19 +269,26 @@ def fixed_point(
             return h, h, 0
         if solver == "iteration":
             for t in range(n):
-                prev, h = h, f(x, h)
+                prev, h = h, _checked_step(f, x, h)
                 watch.update(h, start + t + 1)
                 if tol > 0 and t + 1 < n and bool((_relative_residual(h, prev) < tol).all()):
                     return h, prev, t + 1
             return h, prev, n
         shape = h.shape
+        count = [0]
+
+        def anderson_step(z: Tensor) -> Tensor:
+            # Watched at every evaluation, so a non-finite state is reported at the step where
+            # it first appeared, not at the last one.
+            out = _checked_step(f, x, z.reshape(shape))
+            count[0] += 1
+            watch.update(out, start + count[0])
+            return out.reshape(shape[0], -1)
+
         x_last, fx_last, evals = anderson(
-            lambda z: f(x, z.reshape(shape)).reshape(shape[0], -1), h.reshape(shape[0], -1),
-            max_steps=n, tol=tol, window=anderson_window, damping=damping,
+            anderson_step, h.reshape(shape[0], -1), max_steps=n, tol=tol, window=anderson_window, damping=damping,
         )
-        out = fx_last.reshape(shape)
-        watch.update(out, start + evals)
-        return out, x_last.reshape(shape), evals
+        return fx_last.reshape(shape), x_last.reshape(shape), evals
 
     if not grad:
         with torch.no_grad():
@@ -271,7 +305,7 @@ def fixed_point(
                 # The LCP differentiates the last step w.r.t. its input: make a constant
                 # input (h0 when N = 1, or a state that does not depend on anything tracked) a leaf.
                 h = h.detach().requires_grad_(True)
-            prev, h = h, f(x, h)
+            prev, h = h, _checked_step(f, x, h)
             watch.update(h.detach(), t + 1)
         watch.check(steps)
         penalty = lcp_from_step(h, prev, lcp_target, create_graph=True) if with_penalty else None
@@ -283,7 +317,7 @@ def fixed_point(
     with torch.no_grad():
         h_prev, _, evals = solve_untracked(h0, steps - 1, 0)
     h_prev = h_prev.detach().requires_grad_(True)
-    h_last = f(x, h_prev)
+    h_last = _checked_step(f, x, h_prev)
     watch.update(h_last.detach(), evals + 1)
     watch.check(steps)
     with torch.no_grad():
@@ -297,7 +331,17 @@ def fixed_point(
         x_point, h_point = x.detach(), h_prev.detach()
 
         def vjp_factory() -> Callable[[Tensor], Tensor]:
-            return f.linearize(x_point, h_point).vjp
+            lin_vjp = f.linearize(x_point, h_point).vjp
+
+            def vjp(v: Tensor) -> Tensor:
+                u = lin_vjp(v)
+                if not isinstance(u, Tensor) or u.shape != v.shape:
+                    raise ValueError(
+                        f"f.linearize: expected .vjp(v) to return a tensor of v's shape {tuple(v.shape)}, "
+                        f"got {tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__}"
+                    )
+                return u
+            return vjp
     else:
         def vjp_factory() -> Callable[[Tensor], Tensor]:
             def vjp(v: Tensor) -> Tensor:

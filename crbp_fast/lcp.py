@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -43,6 +45,8 @@ def lcp_penalty(f: nn.Module, x: Tensor, h: Tensor, target: float = 0.9) -> Tens
         target = float(target)
     except (TypeError, ValueError):
         raise TypeError(f"target: expected a number, got {target!r}") from None
+    if not (math.isfinite(target) and target >= 0):
+        raise ValueError(f"target: expected a finite number >= 0 (a bound on the column sums of J), got {target!r}")
     differentiable = torch.is_grad_enabled()
     with torch.enable_grad():
         h_in = h.detach().requires_grad_(True)

@@ -8,8 +8,11 @@
   LCP penalty for cbptt / crbp; Adam.
 - Held-out metrics (IoU, F1, balanced accuracy, accuracy of the positive class, pooled over the
   set) on samples from the disjoint index range starting at ``EVAL_INDEX_OFFSET``.
-- Output (``--out``): ``checkpoint.pt`` (model, optimizer, step, RNG states, config; written
-  atomically), ``log.jsonl`` (one record per logged step and per evaluation), ``config.json``.
+- Output (``--out``): ``checkpoint.pt`` (model, optimizer, step, RNG states, config, a
+  fingerprint of the training data; written atomically), ``log.jsonl`` (one record per logged
+  step and per evaluation), ``config.json``. A run holds an exclusive lock on ``OUT/.lock``, so
+  a second run into the same folder is refused; temporaries a killed run left are removed on
+  start; ``--resume`` refuses data other than the checkpoint's fingerprint, naming both.
 - Multi-process: launch with ``torchrun`` (``nccl`` on GPU, ``gloo`` on CPU); each process takes
   ``batch_size`` samples of a global batch (a DistributedSampler-like stride over its indices),
   DDP averages the gradients, and only rank 0 writes.
@@ -55,6 +58,7 @@ from .models import PathfinderHGRU, confusion, focal_loss, scores
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 CHECKPOINT_FORMAT = "crbp_fast.train/1"
 
 #: Config fields that may change when a run is resumed (they do not change what is computed).
@@ -135,7 +139,7 @@ class TrainConfig:
             )
         if self.epochs is not None and self.data is None and self.train_size is None:
             raise ConfigError("epochs: needs a finite training set: pass data (a generated directory) or train_size")
-        for name in ("adjoint_tol", "lcp_weight", "lr", "focal_gamma"):
+        for name in ("adjoint_tol", "lcp_weight", "lcp_target", "lr", "focal_gamma"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name}: expected a finite number >= 0, got {value!r}")
@@ -284,6 +288,79 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _OutputLock:
+    """An exclusive ``flock`` on ``OUT/.lock`` for the life of a run (rank 0 only).
+
+    Two runs writing one folder end with one run's checkpoint beside the other's log and config,
+    so the second is refused. The kernel drops the lock when the holder exits, however it exits
+    (a SIGKILL included), so a stale lock file never blocks a later run.
+    """
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out / LOCK_FILE
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileExistsError:
+            raise ConfigError(f"out: {out} is a file, expected a directory (or a path to create one)") from None
+        except NotADirectoryError:
+            raise ConfigError(f"out: {out} is inside a file, expected a directory (or a path to create one)") from None
+        except OSError as err:
+            raise ConfigError(f"out: cannot write to {out}: {err.strerror}; choose a writable --out") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise ConfigError(
+                f"out: {out} is in use by another training run (pid {holder}); wait for it to finish or choose "
+                f"another --out"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing drops the flock; the file stays (removing it would race a new run)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete ``.checkpoint.pt.tmpPID``-style files a killed run left (the lock says none is being written)."""
+    for name in (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE):
+        for tmp in out.glob(f".{name}.tmp*"):
+            if tmp.name[len(name) + 5:].isdigit():
+                tmp.unlink(missing_ok=True)
+
+
+def data_fingerprint(config: TrainConfig, dataset: Dataset) -> dict:
+    """What the training data is, recorded in each checkpoint and compared on resume."""
+    if isinstance(dataset, ShardedPathfinder):
+        return dataset.fingerprint()
+    return {"source": "on the fly", "task": config.task, "length": config.length, "size": config.size,
+            "seed": config.seed, "n": config.train_size, "generator": config.generator}
+
+
+def _describe_data(fp: dict) -> str:
+    where = f"{fp.get('task')}, length {fp.get('length')}, {fp.get('size')}x{fp.get('size')}, seed {fp.get('seed')}"
+    if fp.get("source") == "shards":
+        return f"shards of {fp.get('n')} images ({where}, content {str(fp.get('content_sha256'))[:12]})"
+    cycle = "a fresh batch every step" if fp.get("n") is None else f"{fp.get('n')} images cycled in epochs"
+    return f"images drawn on the fly ({where}, {cycle})"
+
+
+def _check_same_data(saved: dict | None, now: dict, path: Path) -> None:
+    if saved is None:  # a checkpoint from before fingerprints: nothing to compare
+        return
+    if saved != now:
+        diff = ", ".join(k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+        raise CheckpointError(
+            f"{path}: the checkpoint was trained on {_describe_data(saved)}, but this run's data is "
+            f"{_describe_data(now)} (they differ in: {diff}); a resumed run is exact only on the same data: "
+            f"resume with the same data or choose another --out"
+        )
 
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
@@ -483,9 +560,32 @@ def _train(config: TrainConfig, env: _Dist, after_backward, after_step) -> Train
         dataset.verify()
     out = Path(config.out)
     ckpt_path, log_path = out / CHECKPOINT_FILE, out / LOG_FILE
+    fingerprint = data_fingerprint(config, dataset)
+    lock = _OutputLock(out) if env.is_main else None
+    try:
+        if env.is_main:
+            _remove_stale_temporaries(out)
+        return _train_locked(config, env, after_backward, after_step, dataset, n_finite, iterations, fingerprint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: TrainConfig, env: _Dist, after_backward, after_step, dataset, n_finite, iterations,
+                  fingerprint) -> TrainResult:
+    out = Path(config.out)
+    ckpt_path, log_path = out / CHECKPOINT_FILE, out / LOG_FILE
 
     torch.manual_seed(config.seed)
-    model = build_model(config).to(env.device)
+    try:
+        model = build_model(config).to(env.device)
+        # Resolve the backend and conv engine for this device now, so that a backend that cannot
+        # run here (triton without a GPU) is a config error before anything is written.
+        from .hgru.backends import resolve_backend
+
+        resolve_backend(config.backend, env.device)
+    except (ValueError, TypeError, RuntimeError) as err:  # the cell's messages name the argument
+        raise ConfigError(str(err)) from None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start, elapsed = 0, 0.0
     if ckpt_path.exists():
@@ -494,6 +594,7 @@ def _train(config: TrainConfig, env: _Dist, after_backward, after_step) -> Train
         ckpt = read_checkpoint(ckpt_path)
         load_model_state(model, ckpt["model"], str(ckpt_path), ckpt["config"])
         _check_resumable(ckpt["config"], config, ckpt_path)
+        _check_same_data(ckpt.get("data"), fingerprint, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"])
         start, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
@@ -527,7 +628,7 @@ def _train(config: TrainConfig, env: _Dist, after_backward, after_step) -> Train
         if not env.is_main:
             return None
         _atomic_torch_save({
-            "format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "config": asdict(config),
+            "format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "config": asdict(config), "data": fingerprint,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
         }, ckpt_path)
         return ckpt_path
@@ -609,9 +710,11 @@ def _train(config: TrainConfig, env: _Dist, after_backward, after_step) -> Train
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     """Add ``crbp-fast train``."""
+    from .cli import DefaultsHelpFormatter
+
     d = TrainConfig()
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("data")
     from_data = "; with --data: the directory's"
     g.add_argument("--task", help=f"one of {TASKS} (default: {d.task}{from_data})")

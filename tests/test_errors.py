@@ -97,3 +97,36 @@ def test_lcp_penalty_argument_errors():
         lcp_penalty(cell, x, x, target="x")
     with pytest.raises(TypeError, match="h: expected a floating"):
         lcp_penalty(cell, x, x.long())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(eps=0.0), ValueError, "eps: expected a finite number > 0.*got 0.0"),
+        (dict(eps=-1e-3), ValueError, "eps: expected a finite number > 0.*got -0.001"),
+        (dict(eps=float("nan")), ValueError, "eps: expected a finite number > 0"),
+        (dict(eps="1e-3"), ValueError, "eps: expected a finite number > 0.*got '1e-3'"),
+        (dict(dtype="float64"), TypeError, "dtype: expected a floating torch.dtype.*got 'float64'"),
+        (dict(device="gpu0"), ValueError, "device: expected a torch.device.*got 'gpu0'"),
+    ],
+    ids=["eps-0", "eps-neg", "eps-nan", "eps-str", "dtype-str", "device-name"],
+)
+def test_cell_argument_kinds(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        HGRUCell(4, 3, **kwargs)
+
+
+def test_meta_cell_is_refused_when_run():
+    cell = HGRUCell(4, 3, device="meta")  # constructing on meta (deferred init) is fine
+    with pytest.raises(ValueError, match="x: is on device meta, where the cell cannot run"):
+        cell(torch.randn(2, 4, 5, 5, device="meta"))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_needs_more_than_one_value_per_channel_in_train_and_eval(training):
+    cell = HGRUCell(4, 3, backend="torch").train(training)
+    with pytest.raises(ValueError, match=r"norm='batch'.*one value per channel, got shape \(1, 4, 1, 1\)"):
+        cell(torch.randn(1, 4, 1, 1))
+    HGRUCell(4, 3, norm="group", backend="torch").train(training)(torch.randn(1, 4, 1, 1))  # per-sample stats are fine
+    with pytest.raises(ValueError, match="norm='group' with 4 groups of 1 channel"):
+        HGRUCell(4, 3, norm="group", norm_groups=4, backend="torch")(torch.randn(2, 4, 1, 1))

@@ -69,4 +69,4 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2]
     assert train_records[0]["loss"] == pytest.approx(single.losses[0], rel=1e-5)
-    assert sorted(os.listdir(ddp_out)) == ["checkpoint.pt", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(ddp_out)) == [".lock", "checkpoint.pt", "config.json", "log.jsonl"]  # rank 0 wrote, and locked

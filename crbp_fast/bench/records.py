@@ -365,8 +365,13 @@ def _umask() -> int:
 def read_records(path: Path) -> list[Record]:
     """Every row of a records file; a malformed row raises :class:`RecordError` naming its line."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                # e.g. a PNG given where the records belong
+                raise RecordError(f"{path}:{lineno}: not text (expected UTF-8 JSON lines of benchmark records)") from None
             if not line.strip():
                 continue
             try:

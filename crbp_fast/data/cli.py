@@ -42,6 +42,8 @@ def _preview(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if args.n < 1:
+        raise CLIError(f"-n: expected the number of samples, an int >= 1, got {args.n}")
     try:
         if args.data is not None:
             ds = ShardedPathfinder(args.data)
@@ -83,6 +85,8 @@ def _preview(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     """Add ``crbp-fast pathfinder`` with its ``generate`` and ``preview`` subcommands."""
+    from ..cli import DefaultsHelpFormatter
+
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="pathfinder_command", required=True)
 
@@ -93,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
         q.add_argument("--seed", type=int, default=0, help="dataset seed; sample i depends on (seed, i) only")
 
     g = sub.add_parser("generate", help="write a dataset as checksummed shards",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     common(g)
     g.add_argument("-n", type=int, required=True, help="number of images (indices 0 .. n-1)")
     g.add_argument("--out", required=True, help="output directory")
@@ -103,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("preview", help="write a PNG grid of samples with their masks or labels",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     common(v)
     v.add_argument("-n", type=int, default=8, help="number of samples")
     v.add_argument("--data", default=None, help="preview a generated directory instead of drawing")

@@ -8,9 +8,11 @@ On-disk layout (written by :func:`write_shards`, ``crbp-fast pathfinder generate
     DIR/shard_00000.targets.npy      uint8 masks (count, 1, size, size) or int64 labels (count,)
 
 ``index.json`` is written last, so a directory without it is an unfinished generation. Opening
-checks that every shard file is there with its recorded size; a shard's checksum is verified the
-first time it is read (or all at once with :meth:`ShardedPathfinder.verify`), and a mismatch is a
-:class:`ShardError` naming the file. Nothing is skipped silently.
+checks that ``index.json`` is well formed (every shard a plain file name inside the directory)
+and that every shard file is there with its recorded size; a shard's checksum, array shape, dtype
+and target values are verified the first time it is read (or all at once with
+:meth:`ShardedPathfinder.verify`), every later read checks the file was not changed since, and
+a mismatch is a :class:`ShardError` naming the file. Nothing is skipped silently.
 
 Both datasets return ``(image, target)``: image float32 (1, size, size) in [0, 1]; target int64
 (size, size) of 0/1 for segmentation, an int64 scalar label for classification.
@@ -182,16 +184,99 @@ def write_shards(
     return root / INDEX_FILE
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _index_error(index_path: Path, what: str) -> ShardError:
+    return ShardError(f"{index_path} is malformed: {what}")
+
+
+def _index_int(index_path: Path, where: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _index_error(index_path, f"{where} is {value!r}, expected an int >= {low}")
+    return value
+
+
+def _shard_file(root: Path, index_path: Path, where: str, f: object) -> dict:
+    """One ``files`` entry of index.json, checked: a plain file name inside ``root``, bytes, SHA-256."""
+    if not isinstance(f, dict):
+        raise _index_error(index_path, f"{where} is {type(f).__name__}, expected an object with name, bytes, sha256")
+    name = f.get("name")
+    # A name is a file in the data directory, never a path: "../x", "/etc/x" or "a/b" would make
+    # the loader open files the directory does not own.
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise _index_error(index_path, f"{where}.name is {name!r}, expected a file name inside {root}")
+    path = root / name
+    if path.exists() and path.resolve().parent != root.resolve():
+        raise _index_error(index_path, f"{where}.name {name!r} is a link out of {root}, expected a plain file")
+    _index_int(index_path, f"{where}.bytes", f.get("bytes"), 0)
+    digest = f.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+        raise _index_error(index_path, f"{where}.sha256 is {digest!r}, expected 64 lowercase hex digits")
+    return f
+
+
+def _parse_index(root: Path, index_path: Path, index: dict) -> list[dict]:
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise _index_error(index_path, f"'shards' is {type(shards).__name__ if shards is not None else 'missing'}, "
+                                       f"expected a non-empty list")
+    for k, entry in enumerate(shards):
+        where = f"shards[{k}]"
+        if not isinstance(entry, dict):
+            raise _index_error(index_path, f"{where} is {type(entry).__name__}, expected an object")
+        _index_int(index_path, f"{where}.count", entry.get("count"), 1)
+        files = entry.get("files")
+        if not isinstance(files, dict) or set(files) != {"images", "targets"}:
+            found = sorted(files) if isinstance(files, dict) else (type(files).__name__ if files is not None else "missing")
+            raise _index_error(index_path, f"{where}.files is {found}, expected an object with 'images' and 'targets'")
+        for part in ("images", "targets"):
+            _shard_file(root, index_path, f"{where}.files.{part}", files[part])
+    return shards
+
+
+def _npy_array(path: Path, data: bytes) -> tuple[np.ndarray, int]:
+    """Parse a whole .npy file held in memory; returns the array (a view of ``data``) and its data offset."""
+    import io
+
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"npy format version {version}, expected 1.0 or 2.0")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(buf)
+    except (ValueError, OSError, SyntaxError) as err:
+        raise ShardError(f"shard file {path} is corrupt: {err}") from None
+    offset = buf.tell()
+    if fortran or dtype.hasobject:
+        raise ShardError(f"shard file {path} is corrupt: {'Fortran order' if fortran else 'object dtype'}, "
+                         f"expected a C-ordered numeric array")
+    want = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != want:
+        raise ShardError(f"shard file {path} is corrupt: {len(data)} bytes, its header describes {want}")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape), offset
+
+
 class ShardedPathfinder(Dataset):
-    """A Pathfinder set written by :func:`write_shards`, read through memory maps.
+    """A Pathfinder set written by :func:`write_shards`.
 
     Attributes ``task``, ``length``, ``size``, ``seed``, ``n`` and ``config`` come from the
     directory's ``index.json``.
 
+    Samples are read with plain positioned reads (``os.pread``), not memory maps: a shard file
+    truncated under a memory map kills the process with SIGBUS, while a short read is an error
+    that names the file. Each shard is verified once per process (size, SHA-256, array shape,
+    dtype and target values); afterwards every read checks that the file's size and
+    modification time are the ones verified, so a file changed in place while training is an
+    error, not silently different data.
+
     Raises:
-        ShardError: no ``index.json``, an unreadable one, a missing shard file, a file of the
-            wrong size, or (when read, or on :meth:`verify`) a checksum mismatch; the message
-            names the file.
+        ShardError: no ``index.json``, a malformed one (missing or mistyped fields, a shard
+            named outside the directory), a missing shard file, a file of the wrong size, or
+            (when read, or on :meth:`verify`) a checksum mismatch, arrays of the wrong shape or
+            dtype, targets other than 0 / 1, or a file changed since it was verified; the
+            message names the file.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -205,9 +290,12 @@ class ShardedPathfinder(Dataset):
                 f"generation did not finish"
             )
         try:
-            index = json.loads(index_path.read_text())
+            text = index_path.read_text()
+            index = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ShardError(f"{index_path} is corrupt: {err}") from None
+        except OSError as err:
+            raise ShardError(f"{index_path} cannot be read: {err.strerror}") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             found = index.get("format") if isinstance(index, dict) else type(index).__name__
             raise ShardError(f"{index_path}: format {found!r}, expected {FORMAT!r}")
@@ -215,12 +303,17 @@ class ShardedPathfinder(Dataset):
             self.task = check_task(index["task"])
             self.length = check_length(index["length"])
             self.size = check_size(index["size"])
-            self.seed = int(index["seed"])
-            self.n = int(index["n"])
+            self.seed = _index_int(index_path, "'seed'", index["seed"], 0)
+            self.n = _index_int(index_path, "'n'", index["n"], 1)
+            if not isinstance(index["config"], dict):
+                raise TypeError(f"'config' is {type(index['config']).__name__}, expected an object")
             self.config = PathfinderConfig(**index["config"])
-            self._shards = index["shards"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ShardError(f"{index_path} is corrupt: {err!r}") from None
+        except KeyError as err:
+            raise ShardError(f"{index_path} is malformed: {err} is missing") from None
+        except (TypeError, ValueError) as err:
+            raise ShardError(f"{index_path} is malformed: {err}") from None
+        self._shards = _parse_index(self.root, index_path, index)
+        self._index_sha256 = hashlib.sha256(text.encode()).hexdigest()
         missing = []
         for entry in self._shards:
             for part in ("images", "targets"):
@@ -238,56 +331,113 @@ class ShardedPathfinder(Dataset):
         if sum(e["count"] for e in self._shards) != self.n:
             raise ShardError(f"{index_path} is corrupt: shard counts do not add up to n={self.n}")
         self._starts = np.cumsum([0] + [e["count"] for e in self._shards])
-        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._verified: set[int] = set()
+        # Per (shard, part), once verified: (data offset, bytes per sample, dtype, sample shape,
+        # (size, mtime_ns) as verified). File descriptors are per process (see __getstate__).
+        self._layout: dict[tuple[int, str], tuple] = {}
+        self._fds: dict[tuple[int, str], int] = {}
 
     def __len__(self) -> int:
         return self.n
 
-    def _load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k not in self._arrays:
-            entry = self._shards[k]
-            arrays = []
-            for part in ("images", "targets"):
-                f = entry["files"][part]
-                path = self.root / f["name"]
-                if k not in self._verified and _sha256(path) != f["sha256"]:
-                    raise ShardError(f"shard file {path} is corrupt: its SHA-256 does not match index.json")
-                try:
-                    arrays.append(np.load(path, mmap_mode="r"))
-                except (ValueError, OSError) as err:
-                    raise ShardError(f"shard file {path} is corrupt: {err}") from None
-            images, targets = arrays
-            want = (entry["count"], 1, self.size, self.size)
-            if images.shape != want or images.dtype != np.uint8:
-                raise ShardError(f"shard file {self.root / entry['files']['images']['name']} is corrupt: "
-                                 f"{images.dtype} {images.shape}, expected uint8 {want}")
-            self._arrays[k] = (images, targets)
-            self._verified.add(k)
-        return self._arrays[k]
+    def fingerprint(self) -> dict:
+        """What this data is, for a checkpoint: the generation parameters and a digest of the content.
+
+        The digest is over the shards' SHA-256 values in order, so a moved or copied directory
+        has the same fingerprint and another generation (another n, seed or content) does not.
+        """
+        content = hashlib.sha256("".join(
+            e["files"][p]["sha256"] for e in self._shards for p in ("images", "targets")).encode()).hexdigest()
+        return {"source": "shards", "task": self.task, "length": self.length, "size": self.size, "seed": self.seed,
+                "n": self.n, "generator": asdict(self.config), "content_sha256": content}
+
+    def _expected(self, k: int, part: str) -> tuple[tuple[int, ...], tuple[np.dtype, ...]]:
+        count = self._shards[k]["count"]
+        if part == "images" or self.task == "segmentation":
+            return (count, 1, self.size, self.size), (np.dtype(np.uint8),)
+        return (count,), (np.dtype(np.int64),)
+
+    def _fd(self, key: tuple[int, str], path: Path) -> int:
+        if key not in self._fds:
+            try:
+                self._fds[key] = os.open(path, os.O_RDONLY)
+            except OSError as err:
+                raise ShardError(f"shard file {path} cannot be opened: {err.strerror}") from None
+        return self._fds[key]
+
+    def _verify_part(self, k: int, part: str) -> None:
+        f = self._shards[k]["files"][part]
+        path = self.root / f["name"]
+        fd = self._fd((k, part), path)
+        before = os.fstat(fd)
+        data = b"".join(iter(lambda: os.read(fd, 1 << 22), b""))
+        os.lseek(fd, 0, os.SEEK_SET)
+        after = os.fstat(fd)
+        if len(data) != f["bytes"] or (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            raise ShardError(f"shard file {path} is corrupt: {len(data)} bytes read, index.json records {f['bytes']} "
+                             f"(was it changed while being read?)")
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise ShardError(f"shard file {path} is corrupt: its SHA-256 does not match index.json")
+        array, offset = _npy_array(path, data)
+        shape, dtypes = self._expected(k, part)
+        if array.shape != shape or array.dtype not in dtypes:
+            raise ShardError(f"shard file {path} holds {array.dtype} {array.shape}, expected "
+                             f"{' or '.join(map(str, dtypes))} {shape}")
+        if part == "targets" and array.size and (int(array.min()) < 0 or int(array.max()) > 1):
+            kind = "mask" if self.task == "segmentation" else "label"
+            raise ShardError(f"shard file {path} holds {kind} values in [{int(array.min())}, {int(array.max())}], "
+                             f"expected 0 or 1")
+        per_sample = int(np.prod(shape[1:], dtype=np.int64)) * array.dtype.itemsize
+        self._layout[(k, part)] = (offset, per_sample, array.dtype, shape[1:], (after.st_size, after.st_mtime_ns))
+
+    def _read(self, k: int, part: str, j: int) -> np.ndarray:
+        if (k, part) not in self._layout:
+            self._verify_part(k, part)
+        offset, per_sample, dtype, sample_shape, verified = self._layout[(k, part)]
+        path = self.root / self._shards[k]["files"][part]["name"]
+        fd = self._fd((k, part), path)
+        data = os.pread(fd, per_sample, offset + j * per_sample)
+        st = os.fstat(fd)
+        if len(data) != per_sample or (st.st_size, st.st_mtime_ns) != verified:
+            raise ShardError(
+                f"shard file {path} changed since it was verified ({verified[0]} bytes then, {st.st_size} now); "
+                f"a dataset must not be rewritten while it is read: regenerate it and start again"
+            )
+        return np.frombuffer(data, dtype=dtype).reshape(sample_shape)
 
     def verify(self) -> None:
-        """Read every shard and check its checksum now (raises :class:`ShardError` naming the file)."""
+        """Read every shard and check it now (raises :class:`ShardError` naming the file)."""
         for k in range(len(self._shards)):
-            self._load(k)
+            for part in ("images", "targets"):
+                if (k, part) not in self._layout:
+                    self._verify_part(k, part)
 
     def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample ``i`` as stored: uint8 image (1, size, size) and its mask or label."""
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for a dataset of {self.n} samples")
         k = int(np.searchsorted(self._starts, i, side="right") - 1)
-        images, targets = self._load(k)
         j = i - int(self._starts[k])
-        return np.asarray(images[j]), np.asarray(targets[j])
+        return self._read(k, "images", j), self._read(k, "targets", j)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, target = self.raw(i)
         return _to_tensors(image, target, self.task)
 
+    def close(self) -> None:
+        """Close the shard files this process opened (they reopen on the next read)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
+
     def __getstate__(self) -> dict:
-        # Memory maps are reopened in each DataLoader worker (verified shards are not hashed again).
+        # File descriptors belong to a process: each DataLoader worker opens its own; the verified
+        # layouts travel, so shards are not hashed again there.
         state = dict(self.__dict__)
-        state["_arrays"] = {}
+        state["_fds"] = {}
         return state
 
 

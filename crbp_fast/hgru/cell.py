@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -37,7 +39,12 @@ class HGRUCell(nn.Module):
         backend: ``"torch"`` (reference), ``"triton"``, ``"native"`` or ``"auto"``.
         conv: horizontal convolution engine, ``"direct"``, ``"fft"`` or ``"auto"``.
         norm_groups: groups of ``norm="group"``; must divide ``channels``.
-        eps: the normalisation's epsilon (1e-3 as published).
+        eps: the normalisation's epsilon, a finite number > 0 (1e-3 as published).
+        device, dtype: where and in which floating ``torch.dtype`` the parameters live (a
+            cell may be built on ``"meta"`` for deferred initialisation, but not run there).
+
+    Normalisation statistics need more than one value per channel (``"batch"``, in training
+    and in eval, since batch statistics are used in both) or per group (``"group"``).
 
     Example:
         >>> cell = HGRUCell(channels=25, kernel_size=15)
@@ -61,13 +68,19 @@ class HGRUCell(nn.Module):
         conv_engines.check_conv_name(conv)
         if norm == "group" and (not isinstance(norm_groups, int) or norm_groups < 1 or channels % norm_groups):
             raise ValueError(f"norm_groups: expected a positive divisor of channels={channels}, got {norm_groups!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype such as torch.float32, got {dtype!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps: expected a finite number > 0 (the normalisation's epsilon), got {eps!r}")
+        try:
+            torch.device(device) if device is not None else None
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"device: expected a torch.device or a name such as 'cpu' or 'cuda', got {device!r}: {err}") from None
         self.channels = channels
         self.kernel_size = kernel_size
         self.norm = norm
         self.norm_groups = norm_groups if norm == "group" else 1
-        self.eps = eps
+        self.eps = float(eps)
         self.gate_bias_init = gate_bias_init
         self.backend = backend
         self.conv = conv
@@ -120,9 +133,19 @@ class HGRUCell(nn.Module):
             del state_dict[key]
 
     def extra_repr(self) -> str:
+        # Say what will run, not only what was asked for: "auto" resolves per device (backend)
+        # and per input shape (conv engine).
+        device = self.w_gate_inh.device
+        try:
+            runs = resolve_backend(self.backend, device).name
+            backend = f"{self.backend!r}" + ("" if runs == self.backend else f" (runs {runs!r} on {device.type})")
+        except Exception:  # a repr must not raise; running the cell says why
+            backend = f"{self.backend!r} (cannot run on {device.type})"
+        conv = f"{self.conv!r}" + (" (direct or fft, chosen per input shape)" if self.conv == "auto" else "")
+        norm = f"{self.norm!r}" + (f", norm_groups={self.norm_groups}" if self.norm == "group" else "")
         return (
-            f"channels={self.channels}, kernel_size={self.kernel_size}, norm={self.norm!r}, "
-            f"backend={self.backend!r}, conv={self.conv!r}"
+            f"channels={self.channels}, kernel_size={self.kernel_size}, norm={norm}, eps={self.eps:g}, "
+            f"gate_bias_init={self.gate_bias_init!r}, backend={backend}, conv={conv}"
         )
 
     # ---------------------------------------------------------------------------------------
@@ -156,11 +179,27 @@ class HGRUCell(nn.Module):
             )
         if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"x: expected non-empty batch and spatial dims, got {tuple(x.shape)}")
-        if self.norm == "batch" and self.training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-            raise ValueError(f"x: batch statistics need more than one value per channel, got shape {tuple(x.shape)}")
+        if self.norm == "batch" and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            # Batch statistics are used in eval mode too (as published), where one value per
+            # channel would normalise every output to the bias: a constant, not an error.
+            raise ValueError(
+                f"x: norm='batch' takes statistics over (B, H, W) in training and in eval and needs more than "
+                f"one value per channel, got shape {tuple(x.shape)}; use a larger batch or norm='group'"
+            )
+        if self.norm == "group" and (self.channels // self.norm_groups) * x.shape[2] * x.shape[3] < 2:
+            raise ValueError(
+                f"x: norm='group' with {self.norm_groups} groups of {self.channels // self.norm_groups} channel(s) needs "
+                f"more than one value per group, got shape {tuple(x.shape)}; use fewer norm_groups or larger images"
+            )
         param = self.w_gate_inh
         if x.device != param.device:
             raise ValueError(f"x: is on device {x.device} but the cell's parameters are on {param.device}")
+        if x.device.type == "meta":
+            raise ValueError(
+                "x: is on device meta, where the cell cannot run (meta tensors hold no values); expected "
+                "cpu or cuda: materialise the cell with cell.to_empty(device='cpu') and cell.reset_parameters(), "
+                "or load a state_dict"
+            )
         if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"x: has dtype {x.dtype} but the cell's parameters are {param.dtype}; "
