@@ -102,7 +102,7 @@ def _published_model(ckpt: dict, path, device, train_steps: int | None, length: 
     if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
         raise DiagnoseError(f"train_steps: expected an int >= 1, got {train_steps!r}")
     try:
-        model = PathfinderHGRU.from_published(ckpt["model"], steps=train_steps)
+        model = PathfinderHGRU.from_published(ckpt, steps=train_steps)
     except (PublishedCheckpointError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     config = {

@@ -135,7 +135,8 @@ class PathfinderHGRU(nn.Module):
 
         Args:
             checkpoint: a path, or the loaded object: the script's ``{"epoch", "state_dict",
-                "best_prec1"}`` or the bare state dict, with or without DataParallel's ``module.``.
+                "best_prec1"}`` or the bare state dict, with or without DataParallel's ``module.``
+                (or what ``read_checkpoint(path, published=True)`` returns).
             steps: N. The checkpoint does not record it (the published script sets it in code),
                 so it is asked for.
             options: any other argument of :class:`PathfinderHGRU` (algorithm, backend, adjoint_rule,

@@ -58,8 +58,12 @@ def load_published(checkpoint: str | os.PathLike | dict) -> dict:
     """A published checkpoint (a path, or the loaded dict) as ``{"model", "epoch", "best_prec1", "format"}``.
 
     ``model`` is the state dict under :class:`PathfinderHGRU`'s names (see the module docstring);
-    ``epoch`` and ``best_prec1`` are None when the checkpoint is a bare state dict.
+    ``epoch`` and ``best_prec1`` are None when the checkpoint is a bare state dict. An already
+    converted checkpoint (this function's output, or ``read_checkpoint(..., published=True)``'s)
+    is returned as it is.
     """
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == PUBLISHED_FORMAT:
+        return checkpoint
     source = "checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
         path = Path(checkpoint)
