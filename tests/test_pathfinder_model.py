@@ -121,7 +121,7 @@ def test_published_bank_structure():
             got = peak_orientation(bank[group + k, 0].double())
             want = math.pi * k / 12
             gap = abs(got - want) % math.pi
-            assert min(gap, math.pi - gap) < math.radians(8), (group + k, math.degrees(got))
+            assert min(gap, math.pi - gap) < math.radians(3), (group + k, math.degrees(got))  # measured <= 0.7
 
 
 def test_published_bank_other_sizes_and_errors():
