@@ -106,7 +106,9 @@ def _published_model(ckpt: dict, path, device, train_steps: int | None, length: 
     except (PublishedCheckpointError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
     config = {
-        **model.config, "algorithm": "published", "length": length, "size": PUBLISHED_SIZE, "seed": 0,
+        # The published code has one adjoint rule and one focal loss: describe the run by them.
+        **model.config, "algorithm": "published", "adjoint_rule": "published", "focal_variant": "published",
+        "length": length, "size": PUBLISHED_SIZE, "seed": 0,
         "generator": asdict(DEFAULT_CONFIG), "epoch": ckpt["epoch"], "best_prec1": ckpt["best_prec1"],
     }
     return model.to(device).eval(), config

@@ -349,7 +349,7 @@ def read_checkpoint(path: str | os.PathLike, *, published: bool = False) -> dict
         if not published:
             raise CheckpointError(
                 f"checkpoint {path} is a checkpoint of the published Pathfinder code (no config, no optimizer "
-                f"state): load it with PathfinderHGRU.from_published, or diagnose it with --train-steps N")
+                f"state): load it with PathfinderHGRU.from_published, or diagnose it with --train-steps and --length")
         return _published_checkpoint(ckpt, path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
