@@ -27,7 +27,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from .data.dataset import EVAL_INDEX_OFFSET, PathfinderDataset
-from .data.pathfinder import PathfinderConfig, PathfinderError, check_length
-from .models import METRICS, PathfinderHGRU, confusion, scores
+from .data.pathfinder import DEFAULT_CONFIG, PathfinderConfig, PathfinderError, check_length
+from .models import METRICS, PUBLISHED_FORMAT, PathfinderHGRU, PublishedCheckpointError, confusion, scores
 from .train import CheckpointError, build_model, load_model_state, read_checkpoint
+
+#: Image side of the published Pathfinder runs (their checkpoints do not record it).
+PUBLISHED_SIZE = 150
 
 #: Pooled side of the states entering the PCA (keeps C x side^2 features per state small).
 PCA_SIDE = 16
@@ -63,20 +66,51 @@ class Diagnosis:
     explained_variance: list[float]
 
 
-def load_checkpoint_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[PathfinderHGRU, dict]:
+def load_checkpoint_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu", *, train_steps: int | None = None,
+    length: int | None = None,
+) -> tuple[PathfinderHGRU, dict]:
     """The model of a ``crbp-fast train`` checkpoint, in eval mode, and the checkpoint's config.
+
+    A checkpoint of the published Pathfinder training script is accepted too: it records no
+    config, so ``train_steps`` (N) and ``length`` (the contour length it was trained on) must be
+    given; the returned config describes it (``algorithm`` "published", 150 x 150 images, data
+    seed 0).
 
     Raises:
         CheckpointError: unreadable file, another format, or parameters that do not fit the
             model its config describes (the message names the parameter and both shapes).
+        DiagnoseError: a published checkpoint without ``train_steps`` or ``length``.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, published=True)
+    if ckpt["format"] == PUBLISHED_FORMAT:
+        return _published_model(ckpt, path, device, train_steps, length)
     config = ckpt["config"]
     try:
         model = build_model(config)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: its config does not describe a model: {err!r}") from None
     load_model_state(model, ckpt["model"], f"checkpoint {path}", config)
+    return model.to(device).eval(), config
+
+
+def _published_model(ckpt: dict, path, device, train_steps: int | None, length: int | None):
+    for arg, flag, value in (("train_steps", "--train-steps", train_steps), ("length", "--length", length)):
+        if value is None:
+            raise DiagnoseError(
+                f"{arg}: checkpoint {path} is a published checkpoint, which does not record it; pass {flag}")
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
+        raise DiagnoseError(f"train_steps: expected an int >= 1, got {train_steps!r}")
+    try:
+        model = PathfinderHGRU.from_published(ckpt, steps=train_steps)
+    except (PublishedCheckpointError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    config = {
+        # The published code has one adjoint rule and one focal loss: describe the run by them.
+        **model.config, "algorithm": "published", "adjoint_rule": "published", "focal_variant": "published",
+        "length": length, "size": PUBLISHED_SIZE, "seed": 0,
+        "generator": asdict(DEFAULT_CONFIG), "epoch": ckpt["epoch"], "best_prec1": ckpt["best_prec1"],
+    }
     return model.to(device).eval(), config
 
 
@@ -89,7 +123,8 @@ def diagnose_checkpoint(
     """Run one checkpoint's model for ``test_steps`` steps on held-out images and measure it.
 
     Args:
-        path: a ``crbp-fast train`` checkpoint.
+        path: a ``crbp-fast train`` checkpoint, or one of the published training script (then
+            ``train_steps`` and ``length`` are required; see :func:`load_checkpoint_model`).
         test_steps: T.
         train_steps: N (default: the checkpoint's training steps); must be below T.
         n_images: held-out images (indices from ``EVAL_INDEX_OFFSET`` of the checkpoint's data
@@ -100,7 +135,7 @@ def diagnose_checkpoint(
         label: the name in plots (default: the checkpoint's directory name).
         device: where to run.
     """
-    model, config = load_checkpoint_model(path, device)
+    model, config = load_checkpoint_model(path, device, train_steps=train_steps, length=length)
     n = config["steps"] if train_steps is None else train_steps
     if not 1 <= n < test_steps:
         raise DiagnoseError(f"train_steps: expected 1 <= N < test_steps={test_steps}, got N={n}")
@@ -350,7 +385,9 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
                               formatter_class=DefaultsHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint.pt files of `crbp-fast train`")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoint.pt files of `crbp-fast train`, or of the published Pathfinder training script "
+                        "(which need --train-steps and --length)")
     p.add_argument("--train-steps", type=int, default=None, help="N (default: each checkpoint's training steps)")
     p.add_argument("--test-steps", type=int, required=True, help="T, the steps to run")
     p.add_argument("--out", required=True, help="directory for the PNGs and summary.json")

@@ -4,8 +4,10 @@
   in epochs) or read from a ``crbp-fast pathfinder generate`` directory (``--data``). Which
   samples a step uses is a function of the step alone, so a resumed run sees exactly the
   batches an uninterrupted one would.
-- Loss: focal loss (gamma 2) on the per-pixel (or per-image) logits, plus ``lcp_weight`` x the
-  LCP penalty for cbptt / crbp; Adam.
+- Loss: focal loss (gamma 2; by default with the published gradient, p_t constant in the
+  modulating factor) on the per-pixel (or per-image) logits, plus ``lcp_weight`` x the LCP penalty
+  for cbptt / crbp; Adam. The adjoint of rbp / crbp stops by a relative tolerance by default, or
+  by the published code's rules with ``--adjoint-rule published`` (docs/fidelity.md).
 - Held-out metrics (IoU, F1, balanced accuracy, accuracy of the positive class, pooled over the
   set) on samples from the disjoint index range starting at ``EVAL_INDEX_OFFSET``.
 - Output (``--out``): ``checkpoint.pt`` (model, optimizer, step, RNG states, config, a
@@ -50,10 +52,13 @@ from .data.dataset import EVAL_INDEX_OFFSET, PathfinderDataset, ShardedPathfinde
 from .data.pathfinder import (
     DEFAULT_CONFIG, TASKS, PathfinderConfig, PathfinderError, check_length, check_size, check_task,
 )
-from .fixed_point import ALGORITHMS
+from .fixed_point import ADJOINT_RULES, ADJOINT_SOLVERS, ALGORITHMS
 from .hgru.backends import BACKEND_NAMES
 from .hgru.reference import NORM_KINDS
-from .models import PathfinderHGRU, confusion, focal_loss, scores
+from .models import (
+    CONV0_BANKS, FOCAL_VARIANTS, READOUT_INITS, PathfinderHGRU, PublishedCheckpointError, confusion, focal_loss,
+    is_published_checkpoint, load_published, scores,
+)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
@@ -66,6 +71,14 @@ RESUMABLE_CHANGES = frozenset({
     "iterations", "epochs", "eval_every", "eval_size", "checkpoint_every", "log_every", "out", "resume",
     "device", "workers", "progress", "data", "threads",
 })
+#: Fields that checkpoints written before they existed lack, with the behaviour those runs had;
+#: a missing field means that value, so an old run is neither rebuilt nor resumed differently.
+LEGACY_DEFAULTS = {
+    "adjoint_rule": "relative", "adjoint_solver": "neumann", "focal_variant": "differentiable",
+    "conv0_bank": "zero_mean", "readout_init": "torch",
+}
+#: Fields that only set the initial weights: on resume the checkpoint's values are kept (its weights are loaded).
+INIT_ONLY = frozenset({"conv0_bank", "readout_init"})
 
 
 @dataclass
@@ -82,6 +95,8 @@ class TrainConfig:
     steps: int = 20
     adjoint_steps: int = 15
     adjoint_tol: float = 1e-5
+    adjoint_solver: str = "neumann"
+    adjoint_rule: str = "relative"
     lcp_weight: float = 10.0
     lcp_target: float = 0.9
     lr: float = 1e-3
@@ -89,12 +104,15 @@ class TrainConfig:
     iterations: int | None = None
     epochs: int | None = None
     focal_gamma: float = 2.0
+    focal_variant: str = "published"
     channels: int = 25
     kernel_size: int = 15
     norm: str = "batch"
     backend: str = "auto"
     conv: str = "auto"
     gate_bias_init: str = "published"
+    conv0_bank: str = "published"
+    readout_init: str = "published"
     eval_size: int = 256
     eval_every: int = 0
     checkpoint_every: int = 500
@@ -115,9 +133,15 @@ class TrainConfig:
             check_size(self.size)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        for name, choices in (("algorithm", ALGORITHMS), ("norm", NORM_KINDS), ("backend", BACKEND_NAMES)):
+        for name, choices in (("algorithm", ALGORITHMS), ("norm", NORM_KINDS), ("backend", BACKEND_NAMES),
+                              ("adjoint_solver", ADJOINT_SOLVERS), ("adjoint_rule", ADJOINT_RULES),
+                              ("focal_variant", FOCAL_VARIANTS), ("conv0_bank", CONV0_BANKS),
+                              ("readout_init", READOUT_INITS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
+        if self.adjoint_rule == "published" and self.adjoint_solver != "neumann":
+            raise ConfigError(
+                f"adjoint_rule: 'published' applies to adjoint_solver 'neumann', got adjoint_solver={self.adjoint_solver!r}")
         for name, low in (("steps", 1), ("adjoint_steps", 0), ("batch_size", 1), ("channels", 1), ("kernel_size", 1),
                           ("eval_size", 0), ("eval_every", 0), ("checkpoint_every", 0), ("log_every", 1),
                           ("workers", 0), ("threads", 0)):
@@ -381,8 +405,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a training checkpoint (on CPU) and check its format; raises :class:`CheckpointError`."""
+def read_checkpoint(path: str | os.PathLike, *, published: bool = False) -> dict:
+    """Load a training checkpoint (on CPU) and check its format; raises :class:`CheckpointError`.
+
+    With ``published=True`` a checkpoint of the published Pathfinder training script (its
+    ``{"epoch", "state_dict", "best_prec1"}``, DataParallel's ``module.`` prefix or not) is
+    accepted too, and returned as ``{"format": models.PUBLISHED_FORMAT, "model": <state dict under
+    PathfinderHGRU's names>, "config": None, "epoch", "best_prec1"}`` (see
+    :mod:`crbp_fast.models.published`). Without it such a file is refused with a message that
+    says so (it has no optimizer state or config to resume from).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -390,10 +422,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch.load raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from None
+    if isinstance(ckpt, dict) and "format" not in ckpt and is_published_checkpoint(ckpt):
+        if not published:
+            raise CheckpointError(
+                f"checkpoint {path} is a checkpoint of the published Pathfinder code (no config, no optimizer "
+                f"state): load it with PathfinderHGRU.from_published, or diagnose it with --train-steps and --length")
+        return _published_checkpoint(ckpt, path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"checkpoint {path}: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
     return ckpt
+
+
+def _published_checkpoint(ckpt: dict, path: Path) -> dict:
+    try:
+        out = load_published(ckpt)
+    except PublishedCheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    return {**out, "config": None}
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str, saved_config: dict | None = None) -> None:
@@ -423,15 +469,19 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str, saved_con
 
 def build_model(config: TrainConfig | dict) -> PathfinderHGRU:
     """The :class:`PathfinderHGRU` a config (or a checkpoint's config dict) describes."""
-    c = config if isinstance(config, dict) else asdict(config)
+    c = {**LEGACY_DEFAULTS, **(config if isinstance(config, dict) else asdict(config))}
     return PathfinderHGRU(
         c["task"], c["channels"], c["kernel_size"], steps=c["steps"], algorithm=c["algorithm"], norm=c["norm"],
         backend=c["backend"], conv=c["conv"], gate_bias_init=c["gate_bias_init"], adjoint_steps=c["adjoint_steps"],
-        adjoint_tol=c["adjoint_tol"], lcp_target=c["lcp_target"],
+        adjoint_tol=c["adjoint_tol"], adjoint_solver=c["adjoint_solver"], adjoint_rule=c["adjoint_rule"],
+        lcp_target=c["lcp_target"], conv0_bank=c["conv0_bank"], readout_init=c["readout_init"],
     )
 
 
 def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    saved = {**LEGACY_DEFAULTS, **saved}
+    for name in INIT_ONLY:
+        setattr(config, name, saved[name])  # how the resumed run was initialised, whatever is asked now
     for f in dataclasses.fields(TrainConfig):
         if f.name in RESUMABLE_CHANGES or f.name not in saved:
             continue
@@ -484,7 +534,7 @@ class _StopFlag:
 
 
 def _loss(model_out, target: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    task_loss = focal_loss(model_out.logits, target, config.focal_gamma)
+    task_loss = focal_loss(model_out.logits, target, config.focal_gamma, config.focal_variant)
     if model_out.penalty is None:
         return task_loss, task_loss
     return task_loss + config.lcp_weight * model_out.penalty, task_loss
@@ -728,7 +778,12 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     g.add_argument("--algorithm", default=d.algorithm, help=f"one of {ALGORITHMS}")
     g.add_argument("--steps", type=int, default=d.steps, help="recurrent steps N")
     g.add_argument("--adjoint-steps", type=int, default=d.adjoint_steps, help="most adjoint iterations (rbp, crbp)")
-    g.add_argument("--adjoint-tol", type=float, default=d.adjoint_tol, help="relative adjoint tolerance (0: all steps)")
+    g.add_argument("--adjoint-tol", type=float, default=d.adjoint_tol,
+                   help="relative adjoint tolerance of --adjoint-rule relative (0: all steps)")
+    g.add_argument("--adjoint-rule", default=d.adjoint_rule,
+                   help=f"one of {ADJOINT_RULES}: 'published' stops as the published code does (||g|| > 1, ||v|| "
+                        f"grows, ||v|| < 1e-9; use it with --adjoint-steps 15); 'relative' by --adjoint-tol")
+    g.add_argument("--adjoint-solver", default=d.adjoint_solver, help=f"one of {ADJOINT_SOLVERS}")
     g.add_argument("--lcp-weight", type=float, default=d.lcp_weight, help="weight of the LCP penalty (cbptt, crbp)")
     g.add_argument("--lcp-target", type=float, default=d.lcp_target, help="lambda of the LCP penalty")
     g = p.add_argument_group("optimisation")
@@ -738,6 +793,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     length.add_argument("--iterations", type=int, help="optimizer steps")
     length.add_argument("--epochs", type=int, help="passes over a finite training set (--data or --train-size)")
     g.add_argument("--focal-gamma", type=float, default=d.focal_gamma, help="focal loss exponent")
+    g.add_argument("--focal-variant", default=d.focal_variant,
+                   help=f"one of {FOCAL_VARIANTS}: 'published' holds p_t constant in (1 - p_t)^gamma")
     g = p.add_argument_group("model")
     g.add_argument("--channels", type=int, default=d.channels, help="channels C")
     g.add_argument("--kernel-size", type=int, default=d.kernel_size, help="horizontal kernel size k")
@@ -745,6 +802,10 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     g.add_argument("--backend", default=d.backend, help=f"one of {BACKEND_NAMES}")
     g.add_argument("--conv", default=d.conv, help="horizontal conv engine: auto, direct, fft")
     g.add_argument("--gate-bias-init", default=d.gate_bias_init, help="published or chronos")
+    g.add_argument("--conv0-bank", default=d.conv0_bank,
+                   help=f"one of {CONV0_BANKS}: conv0's initial bank (kept from the checkpoint on --resume)")
+    g.add_argument("--readout-init", default=d.readout_init,
+                   help=f"one of {READOUT_INITS} (kept from the checkpoint on --resume)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=d.out, help="output directory (checkpoint.pt, log.jsonl, config.json)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")

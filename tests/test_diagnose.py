@@ -84,3 +84,34 @@ def test_cli_diagnose(checkpoints, tmp_path, monkeypatch, capsys):
     assert "a: f1" in out and "KS a vs b" in out
     code = cli.main(["diagnose", str(checkpoints[0]), "--test-steps", "4", "--length", "41", "--out", str(tmp_path)])
     assert code == 2 and "length: expected an int contour length in 2..40, got 41" in capsys.readouterr().err
+
+
+def test_diagnose_a_published_checkpoint(tmp_path, monkeypatch, capsys):
+    """A checkpoint as the published training script writes it (written here, in its layout and shapes)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {
+        "conv0.weight": (25, 1, 7, 7), "conv0.bias": (25,), "unit1.u1_gate.weight": (25, 25, 1, 1),
+        "unit1.u1_gate.bias": (25,), "unit1.u2_gate.weight": (25, 25, 1, 1), "unit1.u2_gate.bias": (25,),
+        "unit1.w_gate_inh": (25, 25, 15, 15), "unit1.w_gate_exc": (25, 25, 15, 15),
+        **{f"unit1.{n}": (25, 1, 1) for n in ("alpha", "gamma", "kappa", "w", "mu")},
+        **{f"unit1.bn.{i}.{n}": (25,) for i in range(4) for n in ("weight", "bias")},
+        "bn.weight": (25,), "bn.bias": (25,), "conv6.weight": (2, 25, 1, 1), "conv6.bias": (2,),
+    }
+    state = {"module." + k: 0.01 * torch.rand(s, generator=g) for k, s in shapes.items()}
+    path = tmp_path / "model_fscore_9000_epoch_03_checkpoint.pth.tar"
+    torch.save({"epoch": 3, "state_dict": state, "best_prec1": 0.9}, path)
+    with pytest.raises(DiagnoseError, match="train_steps: checkpoint .* is a published checkpoint, which does not "
+                                            "record it; pass --train-steps"):
+        diagnose([str(path)], test_steps=3, out=tmp_path / "d", length=4)
+    with pytest.raises(DiagnoseError, match="length: .* pass --length"):
+        diagnose([str(path)], test_steps=3, out=tmp_path / "d", train_steps=1)
+    model, config = load_checkpoint_model(path, train_steps=1, length=4)
+    assert config["algorithm"] == "published" and config["size"] == 150 and config["epoch"] == 3
+    assert torch.equal(model.cell.w_gate_inh, state["module.unit1.w_gate_inh"])
+    monkeypatch.setattr(cli, "COMMANDS", [c for c in cli.COMMANDS if c[0] in MINE])
+    code = cli.main(["diagnose", str(path), "--train-steps", "1", "--length", "4", "--test-steps", "2",
+                     "--n-images", "2", "--batch-size", "2", "--pca-images", "2", "--out", str(tmp_path / "d")])
+    assert code == 0
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    entry = summary["checkpoints"][0]
+    assert entry["algorithm"] == "published" and entry["train_steps"] == 1 and len(entry["per_step"]["f1"]) == 2

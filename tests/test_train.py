@@ -160,3 +160,47 @@ def test_cli_train_and_its_errors(tmp_path, monkeypatch, capsys):
     assert "length: expected an int contour length in 2..40, got 99" in capsys.readouterr().err
     assert cli.main(args[:-1] + [str(tmp_path / "other"), "--data", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_adjoint_rule_and_focal_variant_reach_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", [c for c in cli.COMMANDS if c[0] in MINE])
+    out = tmp_path / "pub"
+    args = ["train", "--length", "4", "--size", "32", "--channels", "4", "--kernel-size", "3", "--steps", "3",
+            "--backend", "torch", "--conv", "direct", "--batch-size", "2", "--iterations", "2", "--eval-size", "0",
+            "--threads", "1", "--no-progress", "--algorithm", "crbp", "--adjoint-rule", "published",
+            "--focal-variant", "differentiable", "--out", str(out)]
+    assert cli.main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["adjoint_rule"] == "published" and config["adjoint_solver"] == "neumann"
+    assert config["focal_variant"] == "differentiable" and config["conv0_bank"] == "published"
+    assert read_checkpoint(out / "checkpoint.pt")["config"]["adjoint_rule"] == "published"
+    records = [r for r in read_log(out) if r["kind"] == "train"]
+    assert len(records) == 2
+    for r in records:  # every logged step says how the adjoint ran and why it stopped
+        assert r["adjoint_stop"] in ("published", "max_steps") and 1 <= r["adjoint_iterations"] <= 15
+    model = build_model(config)
+    assert model.adjoint_rule == "published" and model.config["adjoint_rule"] == "published"
+    capsys.readouterr()
+    assert cli.main(args[:-1] + [str(tmp_path / "x"), "--adjoint-solver", "anderson"]) == 2
+    assert "adjoint_rule: 'published' applies to adjoint_solver 'neumann'" in capsys.readouterr().err
+    assert cli.main(args[:-1] + [str(tmp_path / "x"), "--focal-variant", "textbook"]) == 2
+    assert "focal_variant: expected one of ('published', 'differentiable'), got 'textbook'" in capsys.readouterr().err
+
+
+def test_checkpoint_from_before_the_published_options_keeps_its_behaviour(tmp_path):
+    """A config without the new fields means what the code did then: differentiable focal loss, old init."""
+    train(tiny(tmp_path))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for name in ("adjoint_rule", "adjoint_solver", "focal_variant", "conv0_bank", "readout_init"):
+        del ckpt["config"][name]
+    torch.save(ckpt, path)
+    model = build_model(ckpt["config"])
+    assert model.adjoint_rule == "relative" and model.config["conv0_bank"] == "zero_mean"
+    with pytest.raises(CheckpointError, match="--focal-variant is 'published' but the checkpoint was trained with "
+                                              "'differentiable'"):
+        train(tiny(tmp_path, iterations=3, resume=True))
+    result = train(tiny(tmp_path, iterations=3, resume=True, focal_variant="differentiable"))
+    assert result.step == 3
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["conv0_bank"] == "zero_mean" and config["readout_init"] == "torch"  # how it was initialised

@@ -1,11 +1,16 @@
 """Models for Pathfinder: the hGRU with its Gabor drive and readout, the focal loss, the metrics."""
 
-from .gabor import gabor_bank
-from .losses import focal_loss
+from .gabor import brightness_blob, gabor_bank, published_bank
+from .losses import FOCAL_VARIANTS, focal_loss
 from .metrics import METRICS, confusion, scores
-from .pathfinder_hgru import PathfinderHGRU, PathfinderOutput
+from .pathfinder_hgru import CONV0_BANKS, READOUT_INITS, PathfinderHGRU, PathfinderOutput
+from .published import PUBLISHED_FORMAT, PublishedCheckpointError, is_published_checkpoint, load_published
 
-__all__ = ["METRICS", "PathfinderHGRU", "PathfinderOutput", "confusion", "focal_loss", "gabor_bank", "scores"]
+__all__ = [
+    "CONV0_BANKS", "FOCAL_VARIANTS", "METRICS", "PUBLISHED_FORMAT", "READOUT_INITS", "PathfinderHGRU",
+    "PathfinderOutput", "PublishedCheckpointError", "brightness_blob", "confusion", "focal_loss", "gabor_bank",
+    "is_published_checkpoint", "load_published", "published_bank", "scores",
+]
 
 
 def __getattr__(name: str):
