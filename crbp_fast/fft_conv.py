@@ -257,6 +257,17 @@ def spectrum_gradient(x: Tensor, grad: Tensor, shape: tuple[int, int], transpose
     return torch.bmm(_doubled_rows(zx).mT, _scaled(_rows(zg), weights))  # sum_b G[b, o] conj(x^[b, c])
 
 
+def _will_run(node) -> bool:
+    """Whether the running backward will execute ``node`` (True where torch cannot tell)."""
+    check = getattr(torch._C, "_will_engine_execute_node", None)
+    if check is None:
+        return True
+    try:
+        return bool(check(node))
+    except RuntimeError:
+        return True
+
+
 class _Correlate(torch.autograd.Function):
     """``correlate`` as one node: the input gradient by the opposite conv from the same spectrum,
     the spectrum gradient from the rows of the forward's transform (saved) and of the gradient's."""
@@ -271,6 +282,7 @@ class _Correlate(torch.autograd.Function):
         else:
             mixed = _mix(rows, spectrum, b, shape[0])
         ctx.shape, ctx.transpose = shape, transpose
+        ctx.spectrum_node = spectrum.grad_fn
         ctx.save_for_backward(x, spectrum, rows if ctx.needs_input_grad[1] else None)
         return _inverse(mixed, shape, h, w)
 
@@ -281,7 +293,11 @@ class _Correlate(torch.autograd.Function):
         grad = grad.contiguous()
         if torch.is_grad_enabled():  # create_graph: differentiable all the way
             gx = _Correlate.apply(grad, spectrum, shape, not transpose) if ctx.needs_input_grad[0] else None
-            gs = spectrum_gradient(x, grad, shape, transpose) if ctx.needs_input_grad[1] else None
+            # The LCP's first backward asks for d/dh only: the spectrum's node will not run, so
+            # its gradient (a recorded (F, 2C, O) product) would be built for nothing.
+            node = ctx.spectrum_node
+            wanted = ctx.needs_input_grad[1] and (node is None or _will_run(node))
+            gs = spectrum_gradient(x, grad, shape, transpose) if wanted else None
             return gx, gs, None, None
         b, _, h, w = grad.shape
         zg = torch.fft.rfft2(grad, s=shape)
