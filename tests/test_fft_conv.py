@@ -445,6 +445,7 @@ def test_resolve_explicit_names_and_env_override(monkeypatch):
 def test_auto_measures_once_per_shape_and_keeps_rng(monkeypatch):
     monkeypatch.delenv(conv_engines.ENV_VAR, raising=False)
     monkeypatch.setattr(conv_engines, "_choices", {})
+    monkeypatch.setattr(conv_engines, "MODEL_MARGIN", float("inf"))  # always inside the margin
     calls = []
     real_measure = conv_engines._measure
     monkeypatch.setattr(conv_engines, "_measure", lambda *a: calls.append(a) or real_measure(*a))
@@ -454,17 +455,40 @@ def test_auto_measures_once_per_shape_and_keeps_rng(monkeypatch):
     assert torch.equal(rng, torch.get_rng_state())
     assert conv_engines.resolve_conv("auto", x, 3) is first and len(calls) == 1
     choice = conv_engines.auto_choices()[(x.device, x.dtype, 1, 3, 16, 16, 3)]
-    assert first is DIRECT and choice.measured_direct_s is not None
+    assert choice.measured_direct_s is not None and choice.measured_fft_s is not None
     conv_engines.resolve_conv("auto", x, 1)  # k = 1 and k > H need no measurement
     conv_engines.resolve_conv("auto", x, 17)
     assert len(calls) == 1
 
 
-def test_auto_follows_the_measurement(monkeypatch):
+@pytest.mark.parametrize(
+    "measured, expected",
+    [({"direct": 2e-3, "fft": 1e-3}, "fft"), ({"direct": 1e-3, "fft": 3e-3}, "direct"),
+     ({"direct": 1.1e-3, "fft": 1e-3}, "model")],
+    ids=["fft-2x-faster", "direct-3x-faster", "within-20pc"],
+)
+def test_auto_inside_the_margin_follows_a_clear_measurement(monkeypatch, measured, expected):
     monkeypatch.delenv(conv_engines.ENV_VAR, raising=False)
     monkeypatch.setattr(conv_engines, "_choices", {})
-    monkeypatch.setattr(conv_engines, "_measure", lambda x, k, predicted: {"direct": 2e-3, "fft": 1e-3})
-    assert conv_engines.resolve_conv("auto", torch.zeros(1, 3, 16, 16), 3) is FFT
+    monkeypatch.setattr(conv_engines, "MODEL_MARGIN", float("inf"))
+    monkeypatch.setattr(conv_engines, "_measure", lambda x, k, predicted: measured)
+    x = torch.zeros(1, 3, 16, 16)
+    p_direct, p_fft = conv_engines.predict_times("cpu", x.dtype, tuple(x.shape), 3)
+    model = "fft" if p_fft < p_direct else "direct"
+    assert conv_engines.resolve_conv("auto", x, 3).name == (model if expected == "model" else expected)
+
+
+def test_auto_outside_the_margin_never_measures(monkeypatch):
+    """The issue's case: B4-C25-64x64-k15, where a probe under load once picked direct and fft
+    is 5x faster. The model decides it without timing anything, so the pick cannot flip."""
+    monkeypatch.delenv(conv_engines.ENV_VAR, raising=False)
+    monkeypatch.setattr(conv_engines, "_choices", {})
+    monkeypatch.setattr(conv_engines, "_measure", lambda *a: pytest.fail("measured outside the margin"))
+    probe = torch.zeros(1).expand(4, 25, 64, 64)
+    assert conv_engines.resolve_conv("auto", probe, 15) is FFT
+    assert conv_engines.auto_choices()[(probe.device, probe.dtype, 4, 25, 64, 64, 15)].reason.startswith("cost model")
+    probe = torch.zeros(1).expand(1, 4, 16, 16)
+    assert conv_engines.resolve_conv("auto", probe, 3) is DIRECT
 
 
 def test_measurement_skips_an_engine_over_budget():
@@ -474,8 +498,9 @@ def test_measurement_skips_an_engine_over_budget():
 
 
 def test_cost_model_prefers_fft_at_the_paper_shape_and_direct_for_tiny_kernels():
-    direct, fft = conv_engines.predict_times("cpu", torch.float32, (4, 25, 150, 150), 15)
-    assert fft * 5 < direct
+    for batch in (2, 4, 32):
+        direct, fft = conv_engines.predict_times("cpu", torch.float32, (batch, 25, 150, 150), 15)
+        assert fft * conv_engines.MODEL_MARGIN < direct
     direct, fft = conv_engines.predict_times("cpu", torch.float32, (4, 25, 150, 150), 3)
     assert direct < fft
 
