@@ -1,7 +1,8 @@
 """Horizontal convolution engines: 'same' cross-correlation and its transpose.
 
-An engine has ``name``, ``conv(x, weight)`` (differentiable in both) and
-``conv_transpose(y, weight)`` (the adjoint in the input, used by VJPs). Two exist:
+An engine has ``name``, ``conv(x, weight)`` (differentiable in both),
+``conv_transpose(y, weight)`` (the adjoint in the input, used by VJPs) and
+``weight_grad(x, dy, k)`` (the gradient in the weight, used by the tracked step's explicit backward). Two exist:
 
 - ``"direct"``: ``F.conv2d`` (oneDNN on CPU, cuDNN on CUDA);
 - ``"fft"``: :class:`crbp_fast.fft_conv.FFTConv`, FFTs with cached kernel spectra.
@@ -70,6 +71,8 @@ class ConvEngine(Protocol):
 
     def conv_transpose(self, y: Tensor, weight: Tensor) -> Tensor: ...
 
+    def weight_grad(self, x: Tensor, dy: Tensor, kernel_size: int) -> Tensor: ...
+
 
 class DirectConv:
     """``F.conv2d`` with 'same' zero padding (cuDNN / oneDNN)."""
@@ -81,6 +84,10 @@ class DirectConv:
 
     def conv_transpose(self, y: Tensor, weight: Tensor) -> Tensor:
         return reference.conv_same_transpose(y, weight)
+
+    def weight_grad(self, x: Tensor, dy: Tensor, kernel_size: int) -> Tensor:
+        """d/dw of sum(dy * conv(x, w)) for a k x k kernel: (O, C, k, k)."""
+        return reference.conv_same_weight_grad(x, dy, kernel_size)
 
 
 DIRECT = DirectConv()

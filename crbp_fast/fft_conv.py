@@ -56,7 +56,12 @@ same node) and the spectrum gradient as above. The spectrum enters the graph thr
 :class:`_SpectrumOfWeight` (identity forward, :func:`kernel_spectrum_adjoint` backward), one
 node per weight and scope, so all the spectrum gradients of a weight in a training iteration
 are summed before the one adjoint. When the backward itself is differentiated
-(``create_graph=True``, the LCP penalty) it runs on differentiable torch ops.
+(``create_graph=True``, the LCP penalty) it runs on differentiable torch ops, and a create_graph
+backward that will not reach the spectrum (the LCP's d/dh) skips its gradient. Forward mode
+(``torch.autograd.forward_ad``) works too: the conv node's jvp convolves each tangent with the
+other primal (the reference's forward-mode LCP gradient runs through it).
+:meth:`FFTConv.weight_grad` is the weight gradient on its own (the spectrum gradient mapped back
+to the taps), for explicit backward passes.
 
 float16 / bfloat16 inputs are computed in float32 and the result cast back; float64 stays
 float64; under autocast the result takes the autocast dtype, as ``F.conv2d``'s does. The same
@@ -180,7 +185,7 @@ def _doubled_rows(z: Tensor) -> Tensor:
     # (measured 1.6x faster than four strided copies straight from z).
     zt = torch.view_as_real(z.permute(3, 2, 0, 1).contiguous())  # (Nh, M, B, X, 2)
     zr, zi = zt[..., 0], zt[..., 1]
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and not _has_tangent(z):  # out= has no autograd, no forward mode
         out = zt.new_empty(nh, m, b, 2, 2, x)
         out[:, :, :, 0, 0] = zr
         torch.neg(zi, out=out[:, :, :, 0, 1])
@@ -257,6 +262,11 @@ def spectrum_gradient(x: Tensor, grad: Tensor, shape: tuple[int, int], transpose
     return torch.bmm(_doubled_rows(zx).mT, _scaled(_rows(zg), weights))  # sum_b G[b, o] conj(x^[b, c])
 
 
+def _has_tangent(t: Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (torch.autograd.forward_ad)."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
 def _will_run(node) -> bool:
     """Whether the running backward will execute ``node`` (True where torch cannot tell)."""
     check = getattr(torch._C, "_will_engine_execute_node", None)
@@ -284,7 +294,20 @@ class _Correlate(torch.autograd.Function):
         ctx.shape, ctx.transpose = shape, transpose
         ctx.spectrum_node = spectrum.grad_fn
         ctx.save_for_backward(x, spectrum, rows if ctx.needs_input_grad[1] else None)
+        ctx.save_for_forward(x, spectrum)
         return _inverse(mixed, shape, h, w)
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor | None, spectrum_t: Tensor | None, *_):
+        """Forward mode (bilinear in x and the spectrum): the conv of each tangent with the other primal."""
+        x, spectrum = ctx.saved_tensors
+        out = None
+        if x_t is not None:
+            out = correlate(x_t, spectrum, ctx.shape, ctx.transpose)
+        if spectrum_t is not None:
+            term = correlate(x, spectrum_t, ctx.shape, ctx.transpose)
+            out = term if out is None else out + term
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -329,11 +352,16 @@ class _SpectrumOfWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, spectrum: Tensor, shape: tuple[int, int]) -> Tensor:
         ctx.kernel_size, ctx.shape, ctx.weight_dtype = weight.shape[-1], shape, weight.dtype
+        ctx.spectrum_dtype = spectrum.dtype
         return spectrum.view_as(spectrum)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return kernel_spectrum_adjoint(grad, ctx.kernel_size, ctx.shape).to(ctx.weight_dtype), None, None
+
+    @staticmethod
+    def jvp(ctx, weight_t: Tensor | None, *_):
+        return kernel_spectrum(weight_t, ctx.shape).to(ctx.spectrum_dtype) if weight_t is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,6 +479,18 @@ class FFTConv:
         correlation with the flipped, channel-transposed kernel, from the same spectrum."""
         return self._run("y", y, weight, transpose=True)
 
+    def weight_grad(self, x: Tensor, dy: Tensor, kernel_size: int) -> Tensor:
+        """d/dw of sum(dy * conv(x, w)) for a k x k kernel, (B, C, H, W), (B, O, H, W) -> (O, C, k, k):
+        the spectrum gradient mapped back to the taps (differentiable)."""
+        _check_tensor("x", x)
+        _check_tensor("dy", dy)
+        if x.shape[0] != dy.shape[0] or x.shape[2:] != dy.shape[2:]:
+            raise ValueError(f"dy: expected the batch and image size of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+        dtype = compute_dtype(x.dtype, dy.dtype)
+        shape = fft_shape(x.shape[2], x.shape[3], kernel_size)
+        grad = spectrum_gradient(x.to(dtype).contiguous(), dy.to(dtype).contiguous(), shape)
+        return kernel_spectrum_adjoint(grad, kernel_size, shape).to(torch.promote_types(x.dtype, dy.dtype))
+
     def spectrum(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """The spectrum of ``weight``'s current values at FFT size ``shape`` in ``dtype`` (no graph):
         the active scope's, else a cached one if the weight still equals its copy, else computed."""
@@ -540,7 +580,7 @@ class FFTConv:
         spec = self._lookup(weight, shape, dtype, track)
         with torch.autocast(device_type, enabled=False):
             xc = x.to(dtype).contiguous()
-            if torch.is_grad_enabled() and (track or xc.requires_grad):
+            if (torch.is_grad_enabled() and (track or xc.requires_grad)) or _has_tangent(xc):
                 out = _Correlate.apply(xc, spec, shape, transpose)
             else:
                 with torch.no_grad():
@@ -556,6 +596,8 @@ class _NoCtx:
     @staticmethod
     def save_for_backward(*tensors) -> None:
         pass
+
+    save_for_forward = save_for_backward
 
 
 FFT = FFTConv()
