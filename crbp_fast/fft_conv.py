@@ -29,8 +29,8 @@ batched matmul over the F = (N/2 + 1) M frequencies (ordered column-major, v the
 spectrum is stored as S = [a; b], (F, 2C, O), for K^ = a + ib (a[c, o] = Re K^[o, c]): the least
 memory a complex kernel spectrum can take (at small B the mix streams S and little else, so its
 size is the cost of the mix). The forward mix multiplies "doubled" input rows, [xr, -xi] and
-[xi, xr] per sample, by S, which gives [Re y^; Im y^]; the adjoint multiplies [Re y^; Im y^] by
-S^T and combines the four blocks, Re = P_r a^T... (:func:`_mix_adjoint`).
+[xi, xr] per sample, by S, which gives [Re y^; Im y^]; the adjoint multiplies [Re y^; Im y^]
+by S^T and adds the four blocks it gives into Re and Im (:func:`_mix_adjoint`).
 
 Weight gradient. With G = dL/dRe z + i dL/dIm z for the mixed spectrum z = K^ x^ (G is the
 rfft2 of the output gradient times w_v / (M N), w_v = 1 at v = 0 and v = N / 2, else 2: the
@@ -166,9 +166,9 @@ def kernel_spectrum_adjoint(grad: Tensor, kernel_size: int, shape: tuple[int, in
 
 
 # --------------------------------------------------------------------------------------------
-# Transforms and the channel mix. "rows" are (F, 2B, X) real matrices, one per frequency; the
-# fast paths (no autograd) write through out= into strided views, the differentiable ones
-# (create_graph backward) use plain ops.
+# Transforms and the channel mix. "rows" are (F, 2B, X) real matrices, one per frequency. Every
+# function here is plain differentiable torch ops, but for the no-autograd path of
+# _doubled_rows, which writes through out=.
 
 
 def _rows(z: Tensor) -> Tensor:
