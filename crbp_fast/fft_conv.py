@@ -16,36 +16,52 @@ size (M, N),
 
 the second line being the adjoint in the input (the flipped kernel has the conjugate spectrum;
 the channel mix is transposed). M and N are the smallest 2, 3, 5, 7-smooth sizes >= H + p and
-W + p. (H + k - 1 is the size of the full linear convolution; the 'same' crop needs only
-H + p: 160 instead of 168 at H = 150, k = 15, 10 % fewer FFT points.) K^ itself is never
+W + p (160 at H = 150, k = 15, against 168 for the full linear convolution). K^ itself is never
 padded and FFT'd: only k x k taps are non-zero, so it is two small DFT matmuls
 (:func:`kernel_spectrum`).
 
-Channel mix. Per frequency f it is a (B x C) by (C x O) complex product. On CPU a complex
-``bmm`` measured 6-12x slower than the same product in real arithmetic, so the spectrum is
-stored in real block form: for K^ = a + ib the (2C x 2O) matrix of 2x2 blocks [[a, b], [-b, a]],
-which maps an interleaved row [Re x^, Im x^] to [Re y^, Im y^]. The mix is then one real batched
-matmul over the F = M (N / 2 + 1) frequencies, ``(F, B, 2C) @ (F, 2C, 2O)``; the adjoint is the
-transposed block matrix (the real form of the conjugate transpose), read from the same buffer.
-(Storing [a; b] only, (F, 2C, O), halves the memory but needs a 4x larger input and a combining
-pass; per conv it measured as fast or up to 30 % slower.) :func:`channel_mix` is the one place where the mix
-happens, so a fused (e.g. Triton) mix can be compared against ``bmm`` there.
+Transforms. One rfft2 per conv input and one inverse per output: the inverse is an ifft along
+the rows followed by an irfft along the columns of only the H rows the crop keeps (the c2r
+transform of the M - H rows that would be cropped is skipped).
 
-Spectra cache. Within a training iteration the kernels do not change across the N forward
-steps and the adjoint iterations, so :class:`FFTConv` computes each weight's block spectrum once
-and keeps it, keyed on the weight tensor's identity (weakly: the entry dies with the tensor) and
-its ``_version`` counter (bumped by every in-place change: optimizer steps, ``copy_``,
-``load_state_dict``), plus the FFT size, compute dtype, device and storage pointer. Writes
-through ``weight.data`` bypass the version counter: call :meth:`FFTConv.clear_cache` after them.
-An entry holds F (2C)(2O) values per FFT size (130 MB in float32 at C = 25, 150 x 150).
+Channel mix. Per frequency f it is a (B x C) by (C x O) complex product, done as one real
+batched matmul over the F = (N/2 + 1) M frequencies (ordered column-major, v then u). The
+spectrum is stored as S = [a; b], (F, 2C, O), for K^ = a + ib (a[c, o] = Re K^[o, c]): the least
+memory a complex kernel spectrum can take (at small B the mix streams S and little else, so its
+size is the cost of the mix). The forward mix multiplies "doubled" input rows, [xr, -xi] and
+[xi, xr] per sample, by S, which gives [Re y^; Im y^]; the adjoint multiplies [Re y^; Im y^]
+by S^T and adds the four blocks it gives into Re and Im (:func:`_mix_adjoint`).
 
-Autograd. The spectrum enters the graph through :class:`_SpectrumOfWeight`, which returns the
-cached tensor in the forward and applies the exact adjoint of the (linear) weight -> spectrum map
-in the backward; the rest (rfft2, real matmul, irfft2, crop) is ordinary autograd through
-``torch.fft``. So the input gradient reuses the cached spectrum, the weight gradient is exact,
-autograd skips the weight branch when only the input gradient is asked for (the adjoint loop),
-and double backward (the LCP penalty, ``create_graph=True``) works because every backward is
-made of differentiable ops.
+Weight gradient. With G = dL/dRe z + i dL/dIm z for the mixed spectrum z = K^ x^ (G is the
+rfft2 of the output gradient times w_v / (M N), w_v = 1 at v = 0 and v = N / 2, else 2: the
+adjoint of the half-spectrum inverse), dL/dK^[o, c] = sum_b G[b, o] conj(x^[b, c]) (and for the
+adjoint conv, sum_b y^[b, o] conj(G[b, c])), one batched matmul of the doubled rows with the
+other operand's rows. Every use of a weight adds such a term to one spectrum gradient, which
+:func:`kernel_spectrum_adjoint` maps back to the k x k taps once per weight.
+
+Spectra lifetime. A spectrum is valid for exactly the weight values it was computed from:
+- inside a :class:`SpectraScope` (``fixed_point`` opens one per call and re-enters it in its
+  backward), each weight's spectrum is computed once, pinned, and used by every step, the
+  tracked step, the penalty and every adjoint product, then dropped with the scope;
+- outside one (a standalone ``cell(x, h)``), the engine keeps the last spectra of each weight
+  with a copy of the weight's values, and reuses them only if the weight is still bitwise equal
+  to that copy (checked per call: a k x k x C x O comparison, ~0.1 ms at C = 25, k = 15, and a
+  host sync on CUDA). A write through ``weight.data``, a numpy view or ``set_`` cannot leave a
+  stale spectrum in use.
+A spectrum takes F (2C) O values (65 MB in float32 at C = 25, 150 x 150).
+
+Autograd. :class:`_Correlate` is the conv as one autograd node; its backward computes the input
+gradient with the opposite conv (the same spectrum, so double backward recurses through the
+same node) and the spectrum gradient as above. The spectrum enters the graph through
+:class:`_SpectrumOfWeight` (identity forward, :func:`kernel_spectrum_adjoint` backward), one
+node per weight and scope, so all the spectrum gradients of a weight in a training iteration
+are summed before the one adjoint. When the backward itself is differentiated
+(``create_graph=True``, the LCP penalty) it runs on differentiable torch ops, and a create_graph
+backward that will not reach the spectrum (the LCP's d/dh) skips its gradient. Forward mode
+(``torch.autograd.forward_ad``) works too: the conv node's jvp convolves each tangent with the
+other primal (the reference's forward-mode LCP gradient runs through it).
+:meth:`FFTConv.weight_grad` is the weight gradient on its own (the spectrum gradient mapped back
+to the taps), for explicit backward passes.
 
 float16 / bfloat16 inputs are computed in float32 and the result cast back; float64 stays
 float64; under autocast the result takes the autocast dtype, as ``F.conv2d``'s does. The same
@@ -55,6 +71,8 @@ code runs on CUDA (cuFFT through ``torch.fft``).
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -63,7 +81,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 _REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: FFT sizes kept per weight (different image sizes); the least recently used goes first.
+#: FFT sizes kept per weight outside a scope (different image sizes); the least recently used goes first.
 _SIZES_PER_WEIGHT = 4
 
 
@@ -109,85 +127,218 @@ def _dft_factors(
     return factors[0], factors[1]
 
 
-def kernel_spectrum(weight: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Block spectrum of ``weight`` (O, C, k, k) at FFT size ``shape``: (F, 2C, 2O), F = M (N/2 + 1).
+def _row_factor(a_fac: Tensor) -> Tensor:
+    """(2M, 2k): row (u, s), column (t, i) maps [Re; Im] of R = w Bv^T to [a; b] of K^ = A R."""
+    ar, ai = a_fac[0], a_fac[1]
+    return torch.stack((torch.cat((ar, -ai), 1), torch.cat((ai, ar), 1)), 1).reshape(2 * ar.shape[0], -1)
 
-    Row 2c + s, column 2o + t hold the 2x2 block [[a, b], [-b, a]] of K^[o, c] = a + ib at each
-    frequency (module docstring), in ``weight``'s dtype. K^ = A w Bv^T per (o, c) (the factors
-    of :func:`_dft_factors`): the k x k kernel is transformed by two real matmuls instead of
-    being padded to M x N for O C FFTs (2x faster at C = 25, k = 15, 160 x 160; the cost is
-    writing the F (2C)(2O) result, 130 MB in float32 there).
+
+def kernel_spectrum(weight: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Spectrum S = [a; b] of ``weight`` (O, C, k, k) at FFT size ``shape``: (F, 2C, O),
+    F = (N/2 + 1) M frequencies ordered (v, u), row s C + c and column o holding a = Re K^[o, c]
+    (s = 0) or b = Im K^[o, c] (s = 1), in ``weight``'s dtype.
+
+    K^ = A w Bv^T per (o, c) (the factors of :func:`_dft_factors`): the k x k kernel is
+    transformed by two real matmuls instead of being padded to M x N for O C FFTs.
     """
     out_ch, in_ch, k, _ = weight.shape
     m, n = shape
     nh = n // 2 + 1
     a_fac, b_fac = _dft_factors(k, shape, weight.dtype, weight.device)
-    # Along j: R[o, c, i, v] = sum_j w[o, c, i, j] Bv[v, j], real and imaginary parts.
+    # Along j: R[t, o, c, i, v] = sum_j w[o, c, i, j] Bv[t, v, j], then laid out (v, (t, i), (c, o)).
     rows = torch.matmul(weight.reshape(-1, k), b_fac.transpose(1, 2))  # (2, O C k, Nh)
-    rows = rows.reshape(2, out_ch, in_ch, k, nh).permute(0, 3, 4, 2, 1).reshape(2 * k, nh * in_ch * out_ch)
-    # Along i: K^ = A R, as the real matmul [[Ar, -Ai], [Ai, Ar]] @ [Rr; Ri].
-    ar, ai = a_fac[0], a_fac[1]
-    lhs = torch.cat((torch.cat((ar, -ai), 1), torch.cat((ai, ar), 1)), 0)  # (2M, 2k)
-    spec = (lhs @ rows).reshape(2, m, nh, in_ch, out_ch)  # [Re; Im] of K^, (M, Nh, C, O) each
-    re, im = spec[0], spec[1]
-    blocks = weight.new_empty(m, nh, in_ch, 2, out_ch, 2)  # (M, Nh, C, s, O, t), all written below
-    blocks[:, :, :, 0, :, 0] = re
-    blocks[:, :, :, 0, :, 1] = im
-    blocks[:, :, :, 1, :, 0] = -im
-    blocks[:, :, :, 1, :, 1] = re
-    return blocks.reshape(m * nh, 2 * in_ch, 2 * out_ch)
+    rows = rows.reshape(2, out_ch, in_ch, k, nh).permute(4, 0, 3, 2, 1).reshape(nh, 2 * k, in_ch * out_ch)
+    # Along i, per v: [a; b] = [[Ar, -Ai], [Ai, Ar]] [Rr; Ri], rows (u, s): S in its final layout.
+    return torch.matmul(_row_factor(a_fac), rows).reshape(nh * m, 2 * in_ch, out_ch)
 
 
 def kernel_spectrum_adjoint(grad: Tensor, kernel_size: int, shape: tuple[int, int]) -> Tensor:
-    """The adjoint of :func:`kernel_spectrum`: (F, 2C, 2O) -> (O, C, k, k), by differentiable ops.
-
-    With g = dL/da + i dL/db per frequency (a, b the real and imaginary parts of K^), the
-    gradient of the kernel is dw[i, j] = Re sum_{u, v <= N/2} conj(A[u, i]) g[u, v] conj(Bv[v, j]),
-    two small matmuls per (o, c) (only the k x k taps of the M x N inverse transform are needed).
-    """
+    """The adjoint of :func:`kernel_spectrum`: (F, 2C, O) -> (O, C, k, k), by differentiable ops
+    (the two matmuls transposed: only the k x k taps of the inverse transform are formed)."""
     m, n = shape
     nh = n // 2 + 1
     k = kernel_size
-    in_ch, out_ch = grad.shape[1] // 2, grad.shape[2] // 2
-    g = grad.reshape(m, nh, in_ch, 2, out_ch, 2)
-    ga = (g[:, :, :, 0, :, 0] + g[:, :, :, 1, :, 1]).reshape(m, -1)  # (M, Nh C O)
-    gb = (g[:, :, :, 0, :, 1] - g[:, :, :, 1, :, 0]).reshape(m, -1)
+    in_ch, out_ch = grad.shape[1] // 2, grad.shape[2]
     a_fac, b_fac = _dft_factors(k, shape, grad.dtype, grad.device)
-    ar_t, ai_t = a_fac[0].T, a_fac[1].T  # (k, M)
-    # Along u: T = A^H g, [Tr; Ti] = [Ar^T; -Ai^T] ga + [Ai^T; Ar^T] gb.
-    t = torch.cat((ar_t, -ai_t), 0) @ ga + torch.cat((ai_t, ar_t), 0) @ gb  # (2k, Nh C O)
-    t = t.reshape(2, k, nh, in_ch * out_ch).transpose(0, 1).reshape(k, 2 * nh, in_ch * out_ch)
-    # Along v: dw[i, j] = sum_v Tr[i, v] Bvr[v, j] + Ti[i, v] Bvi[v, j].
-    dw = torch.matmul(b_fac.permute(2, 0, 1).reshape(k, 2 * nh), t)  # (k_i, k_j, C O)
-    return dw.reshape(k, k, in_ch, out_ch).permute(3, 2, 0, 1)
+    t = torch.matmul(_row_factor(a_fac).T, grad.reshape(nh, 2 * m, in_ch * out_ch))  # (Nh, 2k, C O)
+    t = t.reshape(nh, 2, k, in_ch, out_ch).permute(4, 3, 2, 1, 0).reshape(out_ch * in_ch * k, 2 * nh)
+    return (t @ b_fac.reshape(2 * nh, k)).reshape(out_ch, in_ch, k, k)
 
 
-def channel_mix(rows: Tensor, spectrum: Tensor, transpose: bool) -> Tensor:
-    """Per frequency: (F, B, 2C) @ (F, 2C, 2O) -> (F, B, 2O), or with ``transpose`` the adjoint
-    (F, B, 2O) @ (F, 2O, 2C) -> (F, B, 2C) from the same spectrum buffer.
+# --------------------------------------------------------------------------------------------
+# Transforms and the channel mix. "rows" are (F, 2B, X) real matrices, one per frequency. Every
+# function here is plain differentiable torch ops, but for the no-autograd path of
+# _doubled_rows, which writes through out=.
 
-    The one place where the channel mix runs (a fused GPU mix would be compared against ``bmm``
-    here)."""
-    if transpose:
-        # (K @ rows^T)^T reads the spectrum in its stored layout; on CPU it measured as fast as
-        # or faster than rows @ K^T.
-        return torch.bmm(spectrum, rows.mT).mT
-    return torch.bmm(rows, spectrum)
+
+def _rows(z: Tensor) -> Tensor:
+    """Complex (B, X, M, Nh) -> (F, 2B, X) rows [Re; Im] per sample, F ordered (v, u)."""
+    b, x, m, nh = z.shape
+    return torch.view_as_real(z).permute(3, 2, 0, 4, 1).reshape(nh * m, 2 * b, x)
+
+
+def _doubled_rows(z: Tensor) -> Tensor:
+    """Complex (B, X, M, Nh) -> (F, 2B, 2X) rows conj(z) and i conj(z) per sample, in the
+    column order of S's rows (s X + x): [zr | -zi] and [zi | zr], which S maps to [Re; Im] of the mix."""
+    b, x, m, nh = z.shape
+    # One transpose that moves whole complex numbers, then four copies within cache-sized rows
+    # (measured 1.6x faster than four strided copies straight from z).
+    zt = torch.view_as_real(z.permute(3, 2, 0, 1).contiguous())  # (Nh, M, B, X, 2)
+    zr, zi = zt[..., 0], zt[..., 1]
+    if not torch.is_grad_enabled() and not _has_tangent(z):  # out= has no autograd, no forward mode
+        out = zt.new_empty(nh, m, b, 2, 2, x)
+        out[:, :, :, 0, 0] = zr
+        torch.neg(zi, out=out[:, :, :, 0, 1])
+        out[:, :, :, 1, 0] = zi
+        out[:, :, :, 1, 1] = zr
+        return out.reshape(nh * m, 2 * b, 2 * x)
+    return torch.stack((torch.cat((zr, -zi), -1), torch.cat((zi, zr), -1)), 3).reshape(nh * m, 2 * b, 2 * x)
+
+
+def _mix(rows: Tensor, spectrum: Tensor, batch: int, m: int) -> Tensor:
+    """sum_c K^[o, c] x^[b, c] from the doubled rows (F, 2B, 2C): complex (B, O, M, Nh), a
+    permuted view (the row ifft of :func:`_inverse` reads it in place)."""
+    f = rows.shape[0]
+    mixed = torch.bmm(rows, spectrum).reshape(f // m, m, batch, 2, spectrum.shape[2])  # (Nh, M, B, t, O)
+    return torch.view_as_complex(torch.stack((mixed[:, :, :, 0], mixed[:, :, :, 1]), -1)).permute(2, 3, 1, 0)
+
+
+def _mix_adjoint(p: Tensor, spectrum: Tensor, batch: int, m: int) -> Tensor:
+    """sum_o conj(K^[o, c]) y^[b, o] from rows [Re y^; Im y^] (F, 2B, O): complex (B, C, M, Nh),
+    a permuted view.
+
+    R = [Yr; Yi] S^T holds Yr a^T, Yr b^T, Yi a^T and Yi b^T; then Re = Yr a^T + Yi b^T and
+    Im = Yi a^T - Yr b^T."""
+    f = p.shape[0]
+    c = spectrum.shape[1] // 2
+    r = torch.bmm(p, spectrum.mT).reshape(f // m, m, batch, 2, 2, c)  # (Nh, M, B, t, s, C)
+    re = r[:, :, :, 0, 0] + r[:, :, :, 1, 1]
+    im = r[:, :, :, 1, 0] - r[:, :, :, 0, 1]
+    return torch.view_as_complex(torch.stack((re, im), -1)).permute(2, 3, 1, 0)
+
+
+def _inverse(z: Tensor, shape: tuple[int, int], height: int, width: int) -> Tensor:
+    """irfft2(z, s=shape)[..., :H, :W]: the row ifft, then the c2r transform of the H kept rows."""
+    rows = torch.fft.ifft(z, dim=-2)[..., :height, :]
+    return torch.fft.irfft(rows, n=shape[1], dim=-1)[..., :width].contiguous()
+
+
+def _grad_weights(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """w_v / (M N) per column v, (Nh, 1, 1): the adjoint of the half-spectrum inverse."""
+    m, n = shape
+    nh = n // 2 + 1
+    w = torch.full((nh,), 2.0 / (m * n), dtype=dtype, device=device)
+    w[0] = 1.0 / (m * n)
+    if n % 2 == 0:
+        w[-1] = 1.0 / (m * n)
+    return w.reshape(nh, 1, 1)
+
+
+def _scaled(rows: Tensor, weights: Tensor) -> Tensor:
+    f, r, x = rows.shape
+    nh = weights.shape[0]
+    return (rows.reshape(nh, (f // nh) * r, x) * weights).reshape(f, r, x)
 
 
 def correlate(x: Tensor, spectrum: Tensor, shape: tuple[int, int], transpose: bool = False) -> Tensor:
-    """'same' correlation of ``x`` (B, C, H, W) with the kernel whose block spectrum is given
-    (or its adjoint with ``transpose``), via rfft2 -> :func:`channel_mix` -> irfft2 -> crop.
-    ``x`` and ``spectrum`` must share a float32 or float64 dtype; the result is contiguous."""
-    b, c, h, w = x.shape
-    m, n = shape
-    nh = n // 2 + 1
-    spec = torch.fft.rfft2(x, s=(m, n))  # (B, C, M, Nh)
-    rows = torch.view_as_real(spec.permute(2, 3, 0, 1)).reshape(m * nh, b, 2 * c)
-    mixed = channel_mix(rows, spectrum, transpose)
-    out_ch = mixed.shape[-1] // 2
-    out = torch.view_as_complex(mixed.contiguous().view(m, nh, b, out_ch, 2)).permute(2, 3, 0, 1)
-    return torch.fft.irfft2(out, s=(m, n))[..., :h, :w].contiguous()
+    """'same' correlation of ``x`` (B, C, H, W) with the kernel whose spectrum is given (or its
+    adjoint with ``transpose``): rfft2, the channel mix, the cropped inverse. Plain torch ops
+    (differentiable); ``x`` and ``spectrum`` share a float32 or float64 dtype."""
+    b, _, h, w = x.shape
+    z = torch.fft.rfft2(x, s=shape)
+    if transpose:
+        mixed = _mix_adjoint(_rows(z), spectrum, b, shape[0])
+    else:
+        mixed = _mix(_doubled_rows(z), spectrum, b, shape[0])
+    return _inverse(mixed, shape, h, w)
+
+
+def spectrum_gradient(x: Tensor, grad: Tensor, shape: tuple[int, int], transpose: bool = False) -> Tensor:
+    """dL/dS (F, 2C, O) of ``correlate(x, S, shape, transpose)`` for the output gradient ``grad``."""
+    weights = _grad_weights(shape, x.dtype, x.device)
+    zx, zg = torch.fft.rfft2(x, s=shape), torch.fft.rfft2(grad, s=shape)
+    if transpose:  # sum_b y^[b, o] conj(G[b, c])
+        return torch.bmm(_scaled(_doubled_rows(zg), weights).mT, _rows(zx))
+    return torch.bmm(_doubled_rows(zx).mT, _scaled(_rows(zg), weights))  # sum_b G[b, o] conj(x^[b, c])
+
+
+def _has_tangent(t: Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (torch.autograd.forward_ad)."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def _will_run(node) -> bool:
+    """Whether the running backward will execute ``node`` (True where torch cannot tell)."""
+    check = getattr(torch._C, "_will_engine_execute_node", None)
+    if check is None:
+        return True
+    try:
+        return bool(check(node))
+    except RuntimeError:
+        return True
+
+
+class _Correlate(torch.autograd.Function):
+    """``correlate`` as one node: the input gradient by the opposite conv from the same spectrum,
+    the spectrum gradient from the rows of the forward's transform (saved) and of the gradient's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spectrum: Tensor, shape: tuple[int, int], transpose: bool) -> Tensor:
+        b, _, h, w = x.shape
+        z = torch.fft.rfft2(x, s=shape)
+        rows = _rows(z) if transpose else _doubled_rows(z)
+        if transpose:
+            mixed = _mix_adjoint(rows, spectrum, b, shape[0])
+        else:
+            mixed = _mix(rows, spectrum, b, shape[0])
+        ctx.shape, ctx.transpose = shape, transpose
+        ctx.spectrum_node = spectrum.grad_fn
+        ctx.save_for_backward(x, spectrum, rows if ctx.needs_input_grad[1] else None)
+        ctx.save_for_forward(x, spectrum)
+        return _inverse(mixed, shape, h, w)
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor | None, spectrum_t: Tensor | None, *_):
+        """Forward mode (bilinear in x and the spectrum): the conv of each tangent with the other primal."""
+        x, spectrum = ctx.saved_tensors
+        out = None
+        if x_t is not None:
+            out = correlate(x_t, spectrum, ctx.shape, ctx.transpose)
+        if spectrum_t is not None:
+            term = correlate(x, spectrum_t, ctx.shape, ctx.transpose)
+            out = term if out is None else out + term
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, spectrum, rows = ctx.saved_tensors
+        shape, transpose = ctx.shape, ctx.transpose
+        grad = grad.contiguous()
+        if torch.is_grad_enabled():  # create_graph: differentiable all the way
+            gx = _Correlate.apply(grad, spectrum, shape, not transpose) if ctx.needs_input_grad[0] else None
+            # The LCP's first backward asks for d/dh only: the spectrum's node will not run, so
+            # its gradient (a recorded (F, 2C, O) product) would be built for nothing.
+            node = ctx.spectrum_node
+            wanted = ctx.needs_input_grad[1] and (node is None or _will_run(node))
+            gs = spectrum_gradient(x, grad, shape, transpose) if wanted else None
+            return gx, gs, None, None
+        b, _, h, w = grad.shape
+        zg = torch.fft.rfft2(grad, s=shape)
+        gx = gs = None
+        weights = _grad_weights(shape, grad.dtype, grad.device)
+        if transpose:  # the opposite conv is the forward one: doubled rows of the gradient
+            g_rows = _doubled_rows(zg)
+            if ctx.needs_input_grad[0]:
+                gx = _inverse(_mix(g_rows, spectrum, b, shape[0]), shape, h, w)
+            if ctx.needs_input_grad[1]:
+                gs = torch.bmm(_scaled(g_rows, weights).mT, rows)
+        else:
+            g_rows = _rows(zg)
+            if ctx.needs_input_grad[0]:
+                gx = _inverse(_mix_adjoint(g_rows, spectrum, b, shape[0]), shape, h, w)
+            if ctx.needs_input_grad[1]:
+                gs = torch.bmm(rows.mT, _scaled(g_rows, weights))
+        return gx, gs, None, None
 
 
 class _SpectrumOfWeight(torch.autograd.Function):
@@ -201,11 +352,20 @@ class _SpectrumOfWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, spectrum: Tensor, shape: tuple[int, int]) -> Tensor:
         ctx.kernel_size, ctx.shape, ctx.weight_dtype = weight.shape[-1], shape, weight.dtype
+        ctx.spectrum_dtype = spectrum.dtype
         return spectrum.view_as(spectrum)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return kernel_spectrum_adjoint(grad, ctx.kernel_size, ctx.shape).to(ctx.weight_dtype), None, None
+
+    @staticmethod
+    def jvp(ctx, weight_t: Tensor | None, *_):
+        return kernel_spectrum(weight_t, ctx.shape).to(ctx.spectrum_dtype) if weight_t is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Spectra lifetime
 
 
 class CacheInfo(NamedTuple):
@@ -216,11 +376,61 @@ class CacheInfo(NamedTuple):
     weights: int
 
 
-class _Entry:
-    __slots__ = ("version", "spectra")
+_local = threading.local()
 
-    def __init__(self, version: int):
-        self.version = version
+
+def _active_scope() -> "SpectraScope | None":
+    stack = getattr(_local, "scopes", None)
+    return stack[-1] if stack else None
+
+
+class SpectraScope:
+    """The kernel spectra of one computation with fixed weights (``fixed_point`` opens one per
+    call): each weight's spectrum is computed once in the scope, used by every conv the scope
+    covers without further checks, and dropped by :meth:`close` (or with the scope).
+
+    A scope may be entered again later, on any thread (``fixed_point`` re-enters its scope in
+    the backward, for the adjoint products), and nests: the innermost open one serves.
+
+    Example:
+        >>> scope = SpectraScope()
+        >>> with scope:
+        ...     for _ in range(10):
+        ...         h = cell(x, h)
+        >>> scope.close()
+    """
+
+    def __init__(self):
+        # key -> (weight ref, spectrum, autograd node of the spectrum or None)
+        self._pinned: dict[tuple, list] = {}
+        self.closed = False
+
+    def __enter__(self) -> "SpectraScope":
+        if self.closed:
+            raise RuntimeError("SpectraScope: this scope was closed; open a new one")
+        stack = getattr(_local, "scopes", None)
+        if stack is None:
+            stack = _local.scopes = []
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _local.scopes.remove(self)
+
+    def close(self) -> None:
+        """Drop every pinned spectrum (the scope cannot be entered again)."""
+        self._pinned.clear()
+        self.closed = True
+
+    def __len__(self) -> int:
+        return len(self._pinned)
+
+
+class _Entry:
+    __slots__ = ("snapshot", "spectra")
+
+    def __init__(self, snapshot: Tensor):
+        self.snapshot = snapshot
         self.spectra: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
@@ -233,6 +443,10 @@ def _check_tensor(arg: str, t: object) -> None:
         )
     if t.dim() != 4:
         raise ValueError(f"{arg}: expected a 4-d tensor, got shape {tuple(t.shape)}")
+
+
+def _same_values(snapshot: Tensor, weight: Tensor) -> bool:
+    return snapshot.shape == weight.shape and snapshot.dtype == weight.dtype and torch.equal(snapshot, weight)
 
 
 class FFTConv:
@@ -262,42 +476,77 @@ class FFTConv:
 
     def conv_transpose(self, y: Tensor, weight: Tensor) -> Tensor:
         """Adjoint of :meth:`conv` in its input, (B, O, H, W) x (O, C, k, k) -> (B, C, H, W):
-        correlation with the flipped, channel-transposed kernel, from the same cached spectrum."""
+        correlation with the flipped, channel-transposed kernel, from the same spectrum."""
         return self._run("y", y, weight, transpose=True)
 
+    def weight_grad(self, x: Tensor, dy: Tensor, kernel_size: int) -> Tensor:
+        """d/dw of sum(dy * conv(x, w)) for a k x k kernel, (B, C, H, W), (B, O, H, W) -> (O, C, k, k):
+        the spectrum gradient mapped back to the taps (differentiable)."""
+        _check_tensor("x", x)
+        _check_tensor("dy", dy)
+        if x.shape[0] != dy.shape[0] or x.shape[2:] != dy.shape[2:]:
+            raise ValueError(f"dy: expected the batch and image size of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+        dtype = compute_dtype(x.dtype, dy.dtype)
+        shape = fft_shape(x.shape[2], x.shape[3], kernel_size)
+        grad = spectrum_gradient(x.to(dtype).contiguous(), dy.to(dtype).contiguous(), shape)
+        return kernel_spectrum_adjoint(grad, kernel_size, shape).to(torch.promote_types(x.dtype, dy.dtype))
+
     def spectrum(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
-        """The block spectrum of ``weight`` at FFT size ``shape`` in ``dtype``, cached (no graph)."""
-        if weight.is_inference():  # inference tensors have no version counter: never cache them
-            self._misses += 1
-            with torch.no_grad():
-                return kernel_spectrum(weight.detach().to(dtype), shape)
-        entry = self._cache.get(weight)
-        if entry is None or entry.version != weight._version:
-            entry = _Entry(weight._version)
-            self._cache[weight] = entry
-        key = (shape, dtype, weight.device, weight.dtype, weight.data_ptr())
-        spec = entry.spectra.get(key)
-        if spec is not None:
-            self._hits += 1
-            entry.spectra.move_to_end(key)
-            return spec
+        """The spectrum of ``weight``'s current values at FFT size ``shape`` in ``dtype`` (no graph):
+        the active scope's, else a cached one if the weight still equals its copy, else computed."""
+        return self._lookup(weight, shape, dtype, track=False)
+
+    def _compute(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         self._misses += 1
         # Under inference_mode the spectrum would become an inference tensor, which a later
         # tracked step could not save for backward: compute it as a normal tensor.
-        with torch.inference_mode(False), torch.no_grad():
-            spec = kernel_spectrum(weight.detach().to(dtype), shape)
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            return kernel_spectrum(weight.detach().to(dtype), shape)
+
+    def _cached(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        key = (shape, dtype, weight.device)
+        values = weight.detach()
+        entry = self._cache.get(weight)
+        if entry is not None and _same_values(entry.snapshot, values):
+            spec = entry.spectra.get(key)
+            if spec is not None:
+                self._hits += 1
+                entry.spectra.move_to_end(key)
+                return spec
+        else:
+            with torch.inference_mode(False):
+                entry = _Entry(values.clone())
+            self._cache[weight] = entry
+        spec = self._compute(weight, shape, dtype)
         entry.spectra[key] = spec
         while len(entry.spectra) > _SIZES_PER_WEIGHT:
             entry.spectra.popitem(last=False)
         return spec
+
+    def _lookup(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype, track: bool) -> Tensor:
+        """The spectrum, linked to ``weight`` for autograd when ``track`` (one node per weight and scope)."""
+        scope = _active_scope()
+        if scope is None:
+            spec = self._cached(weight, shape, dtype)
+            return _SpectrumOfWeight.apply(weight, spec, shape) if track else spec
+        key = (id(weight), shape, dtype, weight.device)
+        pin = scope._pinned.get(key)
+        if pin is None or pin[0]() is not weight:
+            pin = scope._pinned[key] = [weakref.ref(weight), self._cached(weight, shape, dtype), None]
+        else:
+            self._hits += 1
+        if not track:
+            return pin[1]
+        if pin[2] is None:
+            pin[2] = _SpectrumOfWeight.apply(weight, pin[1], shape)
+        return pin[2]
 
     def cache_info(self) -> CacheInfo:
         """Hits and misses since the last :meth:`clear_cache`, and the weights held."""
         return CacheInfo(self._hits, self._misses, len(self._cache))
 
     def clear_cache(self) -> None:
-        """Drop every cached spectrum and reset the counters (needed only after writes
-        through ``weight.data``, which the version counter does not see)."""
+        """Drop every cached spectrum (outside scopes) and reset the counters."""
         self._cache = WeakIdKeyDictionary()
         self._hits = self._misses = 0
 
@@ -327,17 +576,33 @@ class FFTConv:
         if out_dtype != torch.float64 and torch.is_autocast_enabled(device_type):
             out_dtype = torch.get_autocast_dtype(device_type)
         shape = fft_shape(height, width, kh)
-        spec = self.spectrum(weight, shape, dtype)
+        track = torch.is_grad_enabled() and weight.requires_grad
+        spec = self._lookup(weight, shape, dtype, track)
         with torch.autocast(device_type, enabled=False):
-            if torch.is_grad_enabled() and weight.requires_grad:
-                spec = _SpectrumOfWeight.apply(weight, spec, shape)
-            out = correlate(x.to(dtype), spec, shape, transpose)
+            xc = x.to(dtype).contiguous()
+            if (torch.is_grad_enabled() and (track or xc.requires_grad)) or _has_tangent(xc):
+                out = _Correlate.apply(xc, spec, shape, transpose)
+            else:
+                with torch.no_grad():
+                    out = _Correlate.forward(_NoCtx, xc, spec, shape, transpose)
         return out.to(out_dtype)
+
+
+class _NoCtx:
+    """Stands in for autograd's ctx when :class:`_Correlate`'s forward runs without a graph."""
+
+    needs_input_grad = (False, False, False, False)
+
+    @staticmethod
+    def save_for_backward(*tensors) -> None:
+        pass
+
+    save_for_forward = save_for_backward
 
 
 FFT = FFTConv()
 
 __all__ = [
-    "FFT", "CacheInfo", "FFTConv", "channel_mix", "compute_dtype", "correlate", "fft_shape",
-    "kernel_spectrum", "kernel_spectrum_adjoint", "smooth_size",
+    "FFT", "CacheInfo", "FFTConv", "SpectraScope", "compute_dtype", "correlate", "fft_shape",
+    "kernel_spectrum", "kernel_spectrum_adjoint", "smooth_size", "spectrum_gradient",
 ]

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .fft_conv import SpectraScope
 from .lcp import lcp_from_step
 from .solvers import anderson, anderson_adjoint, neumann_adjoint
 
@@ -76,6 +77,7 @@ class _AdjointConfig:
     window: int
     damping: float
     stats: FixedPointStats
+    scope: SpectraScope  # the call's kernel spectra, for the adjoint products; closed after it
 
 
 class _ImplicitGradient(torch.autograd.Function):
@@ -90,11 +92,19 @@ class _ImplicitGradient(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         cfg: _AdjointConfig = ctx.cfg
-        vjp = cfg.vjp_factory()
-        if cfg.solver == "neumann":
-            res = neumann_adjoint(vjp, grad, max_steps=cfg.steps, tol=cfg.tol, rule=cfg.rule)
-        else:
-            res = anderson_adjoint(vjp, grad, max_steps=cfg.steps, tol=cfg.tol, window=cfg.window, damping=cfg.damping)
+        # A second backward (retain_graph) finds the call's scope closed: it gets a fresh one.
+        scope = cfg.scope if not cfg.scope.closed else SpectraScope()
+        try:
+            with scope:
+                vjp = cfg.vjp_factory()
+                if cfg.solver == "neumann":
+                    res = neumann_adjoint(vjp, grad, max_steps=cfg.steps, tol=cfg.tol, rule=cfg.rule)
+                else:
+                    res = anderson_adjoint(
+                        vjp, grad, max_steps=cfg.steps, tol=cfg.tol, window=cfg.window, damping=cfg.damping,
+                    )
+        finally:
+            scope.close()
         st = cfg.stats
         st.adjoint_iterations, st.adjoint_residual, st.adjoint_stop = res.iterations, res.residual, res.stop
         st.backward_calls += 1
@@ -161,7 +171,12 @@ class _FiniteWatch:
 
     def update(self, h: Tensor, t: int) -> None:
         if self.enabled:
-            bad = ~torch.isfinite(h).all()
+            if h.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                # One pass instead of isfinite's several: a float64 sum of such values cannot
+                # overflow, so it is finite exactly when every value is.
+                bad = ~torch.isfinite(h.sum(dtype=torch.float64))
+            else:
+                bad = ~torch.isfinite(h).all()
             self.first_bad = torch.where((self.first_bad < 0) & bad, torch.full_like(self.first_bad, t), self.first_bad)
 
     def check(self, steps: int) -> None:
@@ -251,6 +266,30 @@ def fixed_point(
     elif h0.device != x.device:
         raise ValueError(f"h0: expected the device of x ({x.device}), got {h0.device}")
 
+    # The kernel spectra of f's FFT convs live for this call (and its adjoint): computed once,
+    # used by every step, the penalty and each adjoint product (crbp_fast.fft_conv).
+    scope = SpectraScope()
+    try:
+        with scope:
+            result = _solve(
+                f, x, h0, scope, steps=steps, algorithm=algorithm, solver=solver, tol=tol,
+                anderson_window=anderson_window, damping=damping, adjoint_steps=adjoint_steps,
+                adjoint_tol=adjoint_tol, adjoint_solver=adjoint_solver, adjoint_rule=adjoint_rule,
+                lcp_target=lcp_target, use_linearize=use_linearize, check_finite=check_finite,
+            )
+    except BaseException:
+        scope.close()
+        raise
+    if not (result.state.requires_grad and algorithm in ("rbp", "crbp")):
+        scope.close()  # no adjoint to come
+    return result
+
+
+def _solve(
+    f, x: Tensor, h0: Tensor, scope: SpectraScope, *, steps: int, algorithm: str, solver: str, tol: float,
+    anderson_window: int, damping: float, adjoint_steps: int, adjoint_tol: float, adjoint_solver: str,
+    adjoint_rule: str, lcp_target: float, use_linearize: bool | None, check_finite: bool,
+) -> FixedPointResult:
     grad = torch.is_grad_enabled()
     training = bool(getattr(f, "training", True))
     implicit = algorithm in ("rbp", "crbp")
@@ -351,7 +390,7 @@ def fixed_point(
 
     cfg = _AdjointConfig(
         vjp_factory=vjp_factory, solver=adjoint_solver, steps=adjoint_steps, tol=adjoint_tol,
-        rule=adjoint_rule, window=anderson_window, damping=damping, stats=stats,
+        rule=adjoint_rule, window=anderson_window, damping=damping, stats=stats, scope=scope,
     )
     state = _ImplicitGradient.apply(h_last, cfg) if h_last.requires_grad else h_last
     return FixedPointResult(state, penalty, stats)

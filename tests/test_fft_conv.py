@@ -14,7 +14,7 @@ from conftest import assert_close
 from crbp_fast import HGRUCell, fixed_point, lcp_penalty
 from crbp_fast import conv as conv_engines
 from crbp_fast.conv import DIRECT, FFT
-from crbp_fast.fft_conv import FFTConv, fft_shape, kernel_spectrum, kernel_spectrum_adjoint, smooth_size
+from crbp_fast.fft_conv import FFTConv, SpectraScope, fft_shape, kernel_spectrum, kernel_spectrum_adjoint, smooth_size
 from crbp_fast.hgru.backends import PassLinearization
 from crbp_fast.hgru.reference import conv_same, conv_same_transpose
 
@@ -151,13 +151,13 @@ def test_gradcheck_and_gradgradcheck(hw):
     y = torch.randn(1, 3, h, w, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
 
-    # gradcheck perturbs its inputs in place through .data, behind the version counter that the
-    # spectrum cache watches; a fresh weight tensor per call (clone) keeps the cache out of it.
+    # gradcheck perturbs the weight in place through .data, behind its version counter: the
+    # cache's value check must see every perturbation.
     def conv(a, wt):
-        return FFT.conv(a, wt.clone())
+        return FFT.conv(a, wt)
 
     def conv_t(a, wt):
-        return FFT.conv_transpose(a, wt.clone())
+        return FFT.conv_transpose(a, wt)
 
     assert torch.autograd.gradcheck(conv, (x, weight))
     assert torch.autograd.gradgradcheck(conv, (x, weight), fast_mode=True)
@@ -167,9 +167,9 @@ def test_gradcheck_and_gradgradcheck(hw):
 
 @pytest.mark.parametrize("n", [8, 9], ids=["N8", "N9"])
 def test_kernel_spectrum_adjoint(n):
-    """<spectrum(w), G> == <w, adjoint(G)> for the real block form."""
+    """<spectrum(w), G> == <w, adjoint(G)> for the [a; b] form (F, 2C, O)."""
     weight = torch.randn(3, 2, 5, 5, dtype=torch.float64)
-    grad = torch.randn(7 * (n // 2 + 1), 4, 6, dtype=torch.float64)
+    grad = torch.randn(7 * (n // 2 + 1), 4, 3, dtype=torch.float64)
     lhs = (kernel_spectrum(weight, (7, n)) * grad).sum()
     rhs = (weight * kernel_spectrum_adjoint(grad, 5, (7, n))).sum()
     assert abs(float(lhs - rhs)) <= 1e-10 * abs(float(lhs))
@@ -219,10 +219,12 @@ def test_cache_is_invalidated_by_optimizer_step_and_inplace_edit():
         assert not torch.allclose(after, before)
         weight.mul_(2)
         assert_close(engine.conv(x, weight), conv_same(x, weight), rtol=1e-6, name="after in-place edit")
-        weight.data.mul_(2)  # behind the version counter: clear_cache is the documented remedy
-        engine.clear_cache()
-        assert_close(engine.conv(x, weight), conv_same(x, weight), rtol=1e-6, name="after clear_cache")
-    assert engine.cache_info().misses == 1
+        weight.data.mul_(2)  # behind the version counter: the value check sees it
+        assert_close(engine.conv(x, weight), conv_same(x, weight), rtol=1e-6, name="after a .data write")
+        weight.detach().numpy()[0, 0, 2, 2] += 1.0  # through a numpy view of the same memory
+        assert_close(engine.conv(x, weight), conv_same(x, weight), rtol=1e-6, name="after a numpy write")
+        assert_close(engine.conv(x, weight), conv_same(x, weight), rtol=1e-6, name="unchanged: reused")
+    assert engine.cache_info()[:2] == (1, 5)
 
 
 def test_cache_does_not_keep_weights_alive():
@@ -234,6 +236,98 @@ def test_cache_does_not_keep_weights_alive():
     del weight
     gc.collect()
     assert engine.cache_info().weights == 0
+
+
+def _writes_behind_the_version_counter():
+    """Ways to change a weight's values that its autograd version counter does not see."""
+
+    def through_data(w):
+        w.data.mul_(-1.5)
+
+    def through_numpy(w):
+        w.detach().numpy()[:] = (0.01 * torch.randn(w.shape, dtype=w.dtype)).numpy()
+
+    def through_set(w):
+        w.data = 0.01 * torch.randn_like(w)
+
+    return [through_data, through_numpy, through_set]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("write", _writes_behind_the_version_counter(), ids=lambda f: f.__name__)
+def test_no_stale_spectra_through_any_public_path(backend, write):
+    """The issue's case (C = 25, k = 15, norm "none": 0.31 max error before): after a write the
+    version counter misses, every public path of the FFT cell still matches the direct one."""
+    torch.manual_seed(0)
+    f64 = torch.float64  # a stale spectrum is off by O(1); float64 leaves no doubt about the rest
+    direct = randomize(HGRUCell(25, 15, norm="none", backend=backend, conv="direct", dtype=f64))
+    fft = HGRUCell(25, 15, norm="none", backend=backend, conv="fft", dtype=f64)
+    fft.load_state_dict(direct.state_dict())
+    x, h, v = (torch.randn(2, 25, 17, 16, dtype=f64), torch.rand(2, 25, 17, 16, dtype=f64),
+               torch.randn(2, 25, 17, 16, dtype=f64))
+    with torch.no_grad():
+        fft(x, h)  # spectra cached for the old weights
+        fixed_point(fft, x, steps=2)
+    for name in ("w_gate_inh", "w_gate_exc"):
+        write(getattr(fft, name))
+        with torch.no_grad():
+            getattr(direct, name).copy_(getattr(fft, name))
+    with torch.no_grad():
+        assert_close(fft(x, h), direct(x, h), rtol=1e-9, name="cell(x, h)")
+        assert_close(fft.linearize(x, h).vjp(v), direct.linearize(x, h).vjp(v), rtol=1e-9, name="vjp")
+        assert_close(fixed_point(fft, x, steps=3).state, fixed_point(direct, x, steps=3).state, rtol=1e-9,
+                     name="fixed_point")
+    grads = []
+    for cell in (direct, fft):
+        res = fixed_point(cell, x, steps=3, algorithm="crbp", adjoint_steps=3, adjoint_tol=0, lcp_target=0.0)
+        grads.append(torch.autograd.grad((res.state * v).sum() + res.penalty, [cell.w_gate_inh, cell.w_gate_exc]))
+    for a, r in zip(grads[1], grads[0]):
+        assert_close(a, r, rtol=1e-9, name="crbp gradient")
+
+
+def test_fixed_point_pins_spectra_for_its_call_and_drops_them(monkeypatch):
+    """One scope per fixed_point call: spectra computed once, served to the forward steps, the
+    tracked step, the penalty and the adjoint, closed once the backward is done."""
+    from crbp_fast import fft_conv
+
+    scopes = []
+    original = fft_conv.SpectraScope.__init__
+
+    def record(self):
+        original(self)
+        scopes.append(self)
+
+    monkeypatch.setattr(fft_conv.SpectraScope, "__init__", record)
+    _, cell = cell_pair(4, 5, torch.float32)
+    cell.backend = "native"
+    x = torch.randn(2, 4, 16, 19)
+    misses = FFT.cache_info().misses
+    res = fixed_point(cell, x, steps=4, algorithm="crbp", adjoint_steps=3, adjoint_tol=0, lcp_target=0.0)
+    assert len(scopes) == 1 and len(scopes[0]) == 2 and not scopes[0].closed
+    assert fft_conv._active_scope() is None
+    (res.state.sum() + res.penalty).backward()
+    assert FFT.cache_info().misses - misses == 2
+    assert scopes[0].closed and len(scopes[0]) == 0
+    with torch.no_grad():
+        fixed_point(cell, x, steps=2)
+    assert scopes[1].closed and fft_conv._active_scope() is None
+
+
+def test_scope_serves_its_own_spectra_and_nests():
+    engine = FFTConv()
+    x, weight = torch.randn(1, 3, 12, 12), torch.randn(3, 3, 5, 5)
+    outer, inner = SpectraScope(), SpectraScope()
+    with outer:
+        engine.conv(x, weight)
+        with inner:
+            engine.conv(x, weight)
+            assert len(inner) == 1
+        engine.conv(x, weight)
+    assert engine.cache_info()[:2] == (2, 1)
+    outer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        with outer:
+            pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +445,7 @@ def test_resolve_explicit_names_and_env_override(monkeypatch):
 def test_auto_measures_once_per_shape_and_keeps_rng(monkeypatch):
     monkeypatch.delenv(conv_engines.ENV_VAR, raising=False)
     monkeypatch.setattr(conv_engines, "_choices", {})
+    monkeypatch.setattr(conv_engines, "MODEL_MARGIN", float("inf"))  # always inside the margin
     calls = []
     real_measure = conv_engines._measure
     monkeypatch.setattr(conv_engines, "_measure", lambda *a: calls.append(a) or real_measure(*a))
@@ -360,17 +455,40 @@ def test_auto_measures_once_per_shape_and_keeps_rng(monkeypatch):
     assert torch.equal(rng, torch.get_rng_state())
     assert conv_engines.resolve_conv("auto", x, 3) is first and len(calls) == 1
     choice = conv_engines.auto_choices()[(x.device, x.dtype, 1, 3, 16, 16, 3)]
-    assert first is DIRECT and choice.measured_direct_s is not None
+    assert choice.measured_direct_s is not None and choice.measured_fft_s is not None
     conv_engines.resolve_conv("auto", x, 1)  # k = 1 and k > H need no measurement
     conv_engines.resolve_conv("auto", x, 17)
     assert len(calls) == 1
 
 
-def test_auto_follows_the_measurement(monkeypatch):
+@pytest.mark.parametrize(
+    "measured, expected",
+    [({"direct": 2e-3, "fft": 1e-3}, "fft"), ({"direct": 1e-3, "fft": 3e-3}, "direct"),
+     ({"direct": 1.1e-3, "fft": 1e-3}, "model")],
+    ids=["fft-2x-faster", "direct-3x-faster", "within-20pc"],
+)
+def test_auto_inside_the_margin_follows_a_clear_measurement(monkeypatch, measured, expected):
     monkeypatch.delenv(conv_engines.ENV_VAR, raising=False)
     monkeypatch.setattr(conv_engines, "_choices", {})
-    monkeypatch.setattr(conv_engines, "_measure", lambda x, k, predicted: {"direct": 2e-3, "fft": 1e-3})
-    assert conv_engines.resolve_conv("auto", torch.zeros(1, 3, 16, 16), 3) is FFT
+    monkeypatch.setattr(conv_engines, "MODEL_MARGIN", float("inf"))
+    monkeypatch.setattr(conv_engines, "_measure", lambda x, k, predicted: measured)
+    x = torch.zeros(1, 3, 16, 16)
+    p_direct, p_fft = conv_engines.predict_times("cpu", x.dtype, tuple(x.shape), 3)
+    model = "fft" if p_fft < p_direct else "direct"
+    assert conv_engines.resolve_conv("auto", x, 3).name == (model if expected == "model" else expected)
+
+
+def test_auto_outside_the_margin_never_measures(monkeypatch):
+    """The issue's case: B4-C25-64x64-k15, where a probe under load once picked direct and fft
+    is 5x faster. The model decides it without timing anything, so the pick cannot flip."""
+    monkeypatch.delenv(conv_engines.ENV_VAR, raising=False)
+    monkeypatch.setattr(conv_engines, "_choices", {})
+    monkeypatch.setattr(conv_engines, "_measure", lambda *a: pytest.fail("measured outside the margin"))
+    probe = torch.zeros(1).expand(4, 25, 64, 64)
+    assert conv_engines.resolve_conv("auto", probe, 15) is FFT
+    assert conv_engines.auto_choices()[(probe.device, probe.dtype, 4, 25, 64, 64, 15)].reason.startswith("cost model")
+    probe = torch.zeros(1).expand(1, 4, 16, 16)
+    assert conv_engines.resolve_conv("auto", probe, 3) is DIRECT
 
 
 def test_measurement_skips_an_engine_over_budget():
@@ -380,8 +498,9 @@ def test_measurement_skips_an_engine_over_budget():
 
 
 def test_cost_model_prefers_fft_at_the_paper_shape_and_direct_for_tiny_kernels():
-    direct, fft = conv_engines.predict_times("cpu", torch.float32, (4, 25, 150, 150), 15)
-    assert fft * 5 < direct
+    for batch in (2, 4, 32):
+        direct, fft = conv_engines.predict_times("cpu", torch.float32, (batch, 25, 150, 150), 15)
+        assert fft * conv_engines.MODEL_MARGIN < direct
     direct, fft = conv_engines.predict_times("cpu", torch.float32, (4, 25, 150, 150), 3)
     assert direct < fft
 

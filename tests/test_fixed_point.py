@@ -304,22 +304,36 @@ def test_anderson_rbp_gradient_matches_iteration():
 
 
 class Blowup(nn.Module):
-    """Finite for two steps, then NaN."""
+    """Finite for two steps, then one element becomes ``value``."""
 
-    def __init__(self):
+    def __init__(self, value: float = float("nan")):
         super().__init__()
         self.calls = 0
+        self.value = value
 
     def forward(self, x, h):
         self.calls += 1
-        return h + x if self.calls < 3 else h * float("nan")
+        out = h + x
+        if self.calls >= 3:
+            out = out.clone()
+            out.view(-1)[1] = self.value
+        return out
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("algorithm", ["bptt", "rbp"])
-def test_non_finite_state_names_the_step(algorithm):
-    x = torch.randn(2, 3)
+def test_non_finite_state_names_the_step(algorithm, dtype, value):
+    x = torch.randn(2, 3, dtype=dtype)
     with pytest.raises(FloatingPointError, match="step 3 of 5"):
-        fixed_point(Blowup(), x, steps=5, algorithm=algorithm)
+        fixed_point(Blowup(value), x, steps=5, algorithm=algorithm)
+
+
+def test_huge_finite_float32_state_is_not_called_non_finite():
+    """The float32 check sums in float64, which cannot overflow on float32 values."""
+    x = torch.full((2, 3, 64, 64), 3e38)
+    res = fixed_point(lambda x, h: x, x, steps=2, algorithm="rbp")
+    assert torch.isfinite(res.state).all()
 
 
 def test_divergence_warning_is_not_raised_for_contractive_problem():

@@ -1,8 +1,10 @@
-"""``crbp-fast bench {memory,speed,all,plot}``: what C-RBP costs against BPTT, as one command.
+"""``crbp-fast bench {memory,speed,phases,all,plot}``: what C-RBP costs against BPTT, as one command.
 
     crbp-fast bench all --quick            # CPU smoke run, about a minute on 2 cores
     crbp-fast bench all --paper            # B=32, C=25, 150x150, k=15, N up to 80 (a GPU)
     crbp-fast bench memory --steps 1 10 40 --algorithms bptt crbp --backends torch
+    crbp-fast bench phases --batch 2 --size 150 --channels 25 --kernel-size 15 --speed-steps 10 \
+        --adjoint-steps 10 --algorithms crbp --backends native --conv fft   # phases + roofline
     crbp-fast bench plot                   # PNGs + Markdown from benchmarks/results/*.jsonl
 
 Without ``--quick`` or ``--paper`` the preset is ``--paper`` on CUDA and ``--quick`` on CPU;
@@ -27,6 +29,7 @@ from ..conv import CONV_NAMES
 from ..fixed_point import ALGORITHMS
 from ..hgru.backends import BACKEND_NAMES
 from .memory import run_memory
+from .phases import machine_rates, run_phases
 from .plot import latest, markdown, write_plots
 from .records import Environment, RecordError, append_records, read_records, records_path
 from .setups import PAPER_SHAPE, PRESETS, QUICK_SHAPE, SWEEP_BACKENDS, SWEEP_CONVS, Shape, Sweep, resolve_device
@@ -35,7 +38,7 @@ from .speed import run_speed
 DEFAULT_OUT = Path("benchmarks") / "results"
 
 
-SUITES_OF = {"memory": ("memory",), "speed": ("speed",), "all": ("memory", "speed")}
+SUITES_OF = {"memory": ("memory",), "speed": ("speed",), "phases": ("phases",), "all": ("memory", "speed")}
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -51,15 +54,16 @@ def register(subparsers, name: str, help_text: str) -> None:
     """Add ``crbp-fast <name> {memory,speed,all,plot}`` to the top-level CLI."""
     bench = _one_line_errors(subparsers.add_parser(name, help=help_text, description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,all,plot}")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,phases,all,plot}")
     helps = {
         "memory": "peak memory of one training iteration as N grows",
         "speed": "time a step, an adjoint VJP and a training iteration",
+        "phases": "time the phases of an rbp / crbp training iteration, each against its roofline",
         "all": "memory, then speed, then plots",
     }
     for command, text in helps.items():
         parser = _one_line_errors(sub.add_parser(command, help=text, description=text))
-        _add_sweep_options(parser, snapshot=command != "speed")
+        _add_sweep_options(parser, snapshot=command not in ("speed", "phases"))
         parser.set_defaults(func=_run_sweep, suites=SUITES_OF[command], plots=command == "all")
     parser = _one_line_errors(sub.add_parser(
         "plot", help="PNG plots and a Markdown table from stored records",
@@ -240,6 +244,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
             run_memory(sweep, env, snapshot, emit)
         if "speed" in args.suites:
             run_speed(sweep, env, emit)
+        if "phases" in args.suites:
+            emit(run_phases(sweep, env, machine_rates(sweep.device)))
     finally:
         print(f"\nwrote {len(written)} rows to {path}")
     rows = written

@@ -35,20 +35,24 @@ import torch
 from ..fixed_point import ALGORITHMS
 
 SCHEMA_VERSION = 2
-SUITES = ("memory", "speed")
+SUITES = ("memory", "speed", "phases")
 #: memory: one training iteration; speed: a no-grad step, one adjoint VJP, one training
-#: iteration, and a torch.compile'd reference step.
-MEASURES = ("train_iteration", "step", "elementwise", "vjp", "compiled_step")
+#: iteration, and a torch.compile'd reference step; phases: one row per phase of a training
+#: iteration (crbp_fast.bench.phases), with the modelled bytes and flops of its roofline.
+MEASURES = ("train_iteration", "step", "elementwise", "vjp", "compiled_step", "train_phase")
+PHASE_NAMES = ("forward", "penalty", "adjoint", "final_backward")
+#: Fields added after rows were first stored: a row without them reads them as None.
+_ADDED_FIELDS = ("phase", "bytes_moved", "flops")
 STATUSES = ("ok", "unavailable", "out_of_memory")
 PEAK_KINDS = ("saved_for_backward", "rss", "cuda_max_allocated")
 DEVICE_TYPES = ("cpu", "cuda")
 
 _CHOICES = {
     "suite": SUITES, "measure": MEASURES, "status": STATUSES, "peak_kind": PEAK_KINDS,
-    "device_type": DEVICE_TYPES, "algorithm": ALGORITHMS,
+    "device_type": DEVICE_TYPES, "algorithm": ALGORITHMS, "phase": PHASE_NAMES,
 }
 _POSITIVE = ("threads", "batch", "channels", "height", "width", "kernel_size", "steps", "repeats")
-_NON_NEGATIVE = ("adjoint_steps", "adjoint_iterations", "peak_bytes", "baseline_bytes")
+_NON_NEGATIVE = ("adjoint_steps", "adjoint_iterations", "peak_bytes", "baseline_bytes", "bytes_moved", "flops")
 _SECONDS = ("median_s", "p20_s", "p80_s")
 _TIMING = ("repeats", *_SECONDS, "images_per_s")
 _PEAK = ("peak_bytes", "peak_kind")
@@ -100,6 +104,9 @@ class Record:
     p20_s: float | None
     p80_s: float | None
     images_per_s: float | None
+    phase: str | None = None  # train_phase rows only
+    bytes_moved: int | None = None  # train_phase: modelled bytes of the phase (its roofline)
+    flops: int | None = None  # train_phase: modelled flops of the phase
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,7 +153,16 @@ class Record:
                 raise RecordError(f"{name}: a CUDA row must say whether TF32 was allowed, got None")
             if not cuda and value is not None:
                 raise RecordError(f"{name}: expected None on {self.device_type!r}, got {value!r}")
-        train = self.measure == "train_iteration"
+        train = self.measure in ("train_iteration", "train_phase")
+        phased = self.measure == "train_phase"
+        if (self.suite == "phases") != phased:
+            raise RecordError(f"measure: the phases suite measures 'train_phase' (only), got {self.measure!r} "
+                              f"in suite {self.suite!r}")
+        for name in ("phase", "bytes_moved", "flops"):
+            if phased and getattr(self, name) is None:
+                raise RecordError(f"{name}: a train_phase row needs it, got None")
+            if not phased and getattr(self, name) is not None:
+                raise RecordError(f"{name}: expected None for measure {self.measure!r}, got {getattr(self, name)!r}")
         for name in ("algorithm", "steps", "adjoint_steps"):
             if train and getattr(self, name) is None:
                 raise RecordError(f"{name}: a train_iteration row needs it, got None")
@@ -170,7 +186,7 @@ class Record:
                 raise RecordError(f"{name}: expected None in a {self.suite} row, got {getattr(self, name)!r}")
         if self.suite == "memory" and self.peak_kind != "saved_for_backward" and self.baseline_bytes is None:
             raise RecordError(f"baseline_bytes: a {self.peak_kind!r} row needs it, got None")
-        if self.suite == "speed" and not self.p20_s <= self.median_s <= self.p80_s:
+        if self.suite != "memory" and not self.p20_s <= self.median_s <= self.p80_s:
             raise RecordError(
                 f"median_s: expected p20_s <= median_s <= p80_s, got {self.p20_s!r}, {self.median_s!r}, {self.p80_s!r}"
             )
@@ -190,6 +206,7 @@ class Record:
         missing = [n for n in names if n not in data]
         if unknown:
             raise RecordError(f"row: unknown fields {unknown}")
+        missing = [n for n in missing if n not in _ADDED_FIELDS]
         if missing:
             raise RecordError(f"row: missing fields {missing}")
         return cls(**data)

@@ -44,6 +44,28 @@ with ``N^T(dy) = invstd * (dxh - mean_S(dxh) - xhat * mean_S(dxh * xhat))``, ``d
 
 Everything in the VJP except ``v`` is fixed at h, so :func:`linearize` computes the factors once
 and each :func:`vjp` is three elementwise passes, two norm reductions and two transposed convs.
+
+The tracked step's backward (:func:`step_vjp`) is the same VJP with every parameter and x added,
+from the factors and five forward maps (:class:`Tracked`, from :func:`linearize_tracked`);
+``sum`` is over (B, H, W) per channel, ``W (*)^w`` the weight gradient of a conv::
+
+    dkappa = sum(de h1) ; dgamma = sum(de c2) ; domega = sum(de h1 c2)
+    dm2    = dg2 g2 (1 - g2) ;  dU2 = sum_pixels dm2 h1^T ;  db2 = sum(dm2)
+    dN_exc = (sum(dc2 xhat2), sum(dc2))           # weight, bias
+    dW_exc = h1 (*)^w dr2
+    dx     = dh1 sigma(x - sp(q))
+    da     = dq c1 ;  dalpha = sum(da h) ;  dmu = sum(da)
+    dN_inh = (sum(dc1 xhat1), sum(dc1)) ;  dW_inh = hg (*)^w dr1
+    dm1    = dhg h g1 (1 - g1) ;  dU1 = sum_pixels dm1 h^T ;  db1 = sum(dm1)
+
+The LCP penalty P = mean(relu(u - lambda)^2), u = J^T 1, and its gradient (:func:`lcp_gradient`):
+with w = dP/du = 2 relu(u - lambda) / |u| (fixed), sum_i w_i u_i = 1^T J w, so
+
+    dP/d(theta, x, h) = D_h[ step_vjp(1) at h ] . w
+
+the derivative along h, in the direction w, of the step's full backward at v = 1 (the second
+derivatives commute): one forward-mode pass through linearize_tracked and step_vjp instead of a
+double backward through autograd's graph of the step.
 """
 
 from __future__ import annotations
@@ -54,6 +76,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 NORM_KINDS = ("batch", "group", "none")
 
@@ -290,3 +313,167 @@ def vjp(
     dc1, dh = vjp_inhibit(dh1, dh, f)
     dhg = conv_t(norm_vjp(dc1, f.xhat1, f.invstd1, p.norm_inh), p.w_inh)
     return vjp_gate_inh(dhg, dh, f, p.u1_weight)
+
+
+# --------------------------------------------------------------------------------------------
+# The tracked step's backward and the LCP penalty's gradient
+
+WeightGradFn = Callable[[Tensor, Tensor, int], Tensor]
+
+
+def conv_same_weight_grad(x: Tensor, dy: Tensor, kernel_size: int) -> Tensor:
+    """d/dw of sum(dy * conv_same(x, w)) for a k x k kernel: (B, C, H, W), (B, O, H, W) ->
+    (O, C, k, k), dw[o, c] = sum_b dy[b, o] (*) x[b, c], as a plain conv2d (differentiable,
+    forward-mode included)."""
+    return F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), padding=kernel_size // 2).transpose(0, 1)
+
+
+class Tracked(NamedTuple):
+    """The forward maps the parameter gradients need beyond :class:`Factors`, (B, C, H, W) each."""
+
+    h: Tensor
+    hg: Tensor  # h * g1: the inhibitory conv's input
+    h1: Tensor  # the excitatory conv's input
+    c1: Tensor  # N_inh(c1_raw)
+    c2: Tensor  # N_exc(c2_raw)
+    s_r: Tensor  # sigma(x - sp(q)) = d h1 / d x
+
+
+class StepGrads(NamedTuple):
+    """The step's VJP to every input: x, h and each parameter (shaped as in HGRUParams; the
+    norms' (weight, bias) pairs are None for norm "none")."""
+
+    x: Tensor
+    h: Tensor
+    u1_weight: Tensor
+    u1_bias: Tensor
+    u2_weight: Tensor
+    u2_bias: Tensor
+    w_inh: Tensor
+    w_exc: Tensor
+    alpha: Tensor
+    mu: Tensor
+    kappa: Tensor
+    gamma: Tensor
+    omega: Tensor
+    norm_inh: tuple[Tensor, Tensor] | None
+    norm_exc: tuple[Tensor, Tensor] | None
+
+
+def linearize_tracked(x: Tensor, h: Tensor, p: HGRUParams, conv: ConvFn = conv_same) -> tuple[Factors, Tracked]:
+    """:func:`linearize` plus the forward maps of :class:`Tracked`."""
+    g1 = torch.sigmoid(F.conv2d(h, p.u1_weight, p.u1_bias))
+    hg = h * g1
+    c1, xhat1, invstd1 = _norm_parts(conv(hg, p.w_inh), p.norm_inh)
+    a = p.alpha * h + p.mu
+    q = c1 * a
+    r = x - F.softplus(q)
+    h1 = F.softplus(r)
+    g2 = torch.sigmoid(F.conv2d(h1, p.u2_weight, p.u2_bias))
+    c2, xhat2, invstd2 = _norm_parts(conv(h1, p.w_exc), p.norm_exc)
+    e = p.kappa * h1 + p.gamma * c2 + p.omega * h1 * c2
+    hh = F.softplus(e)
+    z = (1 - g2) * h + g2 * hh
+    s_r = torch.sigmoid(r)
+    factors = Factors(
+        state=F.softplus(z), s_z=torch.sigmoid(z), g2=g2, hh_minus_h=hh - h, s_e=torch.sigmoid(e),
+        dc2_coef=p.gamma + p.omega * h1, dh1_coef=p.kappa + p.omega * c2, g2_slope=g2 * (1 - g2),
+        xhat2=xhat2, invstd2=invstd2, dq_coef=-s_r * torch.sigmoid(q), dc1_coef=a,
+        dh_q_coef=c1 * p.alpha, xhat1=xhat1, invstd1=invstd1, g1=g1, hg1_slope=h * g1 * (1 - g1),
+    )
+    return factors, Tracked(h=h, hg=hg, h1=h1, c1=c1, c2=c2, s_r=s_r)
+
+
+def _channel_sum(t: Tensor, like: Tensor) -> Tensor:
+    """sum over (B, H, W) per channel, shaped like the per-channel parameter ``like``."""
+    return t.sum(dim=(0, 2, 3)).reshape(like.shape)
+
+
+def _norm_param_grads(dc: Tensor, xhat: Tensor | None, spec: NormSpec) -> tuple[Tensor, Tensor] | None:
+    if spec.kind == "none":
+        return None
+    return _channel_sum(dc * xhat, spec.weight), _channel_sum(dc, spec.bias)
+
+
+def step_vjp(
+    v: Tensor, f: Factors, t: Tracked, p: HGRUParams, conv_t: ConvFn = conv_same_transpose,
+    weight_grad: WeightGradFn | None = None,
+) -> StepGrads:
+    """The tracked step's backward: v = dL/dF -> dL/d(x, h, every parameter) (module docstring),
+    from the factors and forward maps of :func:`linearize_tracked`. ``weight_grad(x, dy, k)`` is
+    the conv engine's weight gradient (:func:`conv_same_weight_grad` by default)."""
+    weight_grad = weight_grad or conv_same_weight_grad
+    k = p.w_inh.shape[-1]
+    dz = v * f.s_z
+    de = dz * f.g2 * f.s_e
+    dm2 = dz * f.hh_minus_h * f.g2_slope
+    dh = dz * (1 - f.g2)
+    dkappa, dgamma = _channel_sum(de * t.h1, p.kappa), _channel_sum(de * t.c2, p.gamma)
+    domega = _channel_sum(de * t.h1 * t.c2, p.omega)
+    dc2 = de * f.dc2_coef
+    dh1 = de * f.dh1_coef + _mix_t(dm2, p.u2_weight)
+    du2 = torch.einsum("bohw,bchw->oc", dm2, t.h1).reshape(p.u2_weight.shape)
+    dnorm_exc = _norm_param_grads(dc2, f.xhat2, p.norm_exc)
+    dr2 = norm_vjp(dc2, f.xhat2, f.invstd2, p.norm_exc)
+    dw_exc = weight_grad(t.h1, dr2, k)
+    dh1 = dh1 + conv_t(dr2, p.w_exc)
+    dx = dh1 * t.s_r
+    dq = dh1 * f.dq_coef
+    dc1 = dq * f.dc1_coef
+    da = dq * t.c1
+    dalpha, dmu = _channel_sum(da * t.h, p.alpha), _channel_sum(da, p.mu)
+    dh = dh + da * p.alpha
+    dnorm_inh = _norm_param_grads(dc1, f.xhat1, p.norm_inh)
+    dr1 = norm_vjp(dc1, f.xhat1, f.invstd1, p.norm_inh)
+    dw_inh = weight_grad(t.hg, dr1, k)
+    dhg = conv_t(dr1, p.w_inh)
+    dm1 = dhg * f.hg1_slope
+    dh = dh + dhg * f.g1 + _mix_t(dm1, p.u1_weight)
+    du1 = torch.einsum("bohw,bchw->oc", dm1, t.h).reshape(p.u1_weight.shape)
+    return StepGrads(
+        x=dx, h=dh, u1_weight=du1, u1_bias=dm1.sum(dim=(0, 2, 3)), u2_weight=du2, u2_bias=dm2.sum(dim=(0, 2, 3)),
+        w_inh=dw_inh, w_exc=dw_exc, alpha=dalpha, mu=dmu, kappa=dkappa, gamma=dgamma, omega=domega,
+        norm_inh=dnorm_inh, norm_exc=dnorm_exc,
+    )
+
+
+def lcp_gradient(
+    x: Tensor, h: Tensor, p: HGRUParams, target: float = 0.9, conv: ConvFn = conv_same,
+    conv_t: ConvFn = conv_same_transpose, weight_grad: WeightGradFn | None = None,
+    column_sums: Tensor | None = None,
+) -> tuple[Tensor, StepGrads]:
+    """The LCP penalty mean(relu(1^T J - target)^2) at (x, h) and its gradient in x, h and every
+    parameter, as the derivative along h (direction w = dP/du) of :func:`step_vjp` at v = 1
+    (module docstring), by one forward-mode pass. ``column_sums``, if given, is u = J^T 1
+    already computed (e.g. by a fused VJP); the conv functions must support forward mode."""
+    ones = torch.ones_like(h)
+    u = column_sums
+    if u is None:
+        u = vjp(ones, linearize(x, h, p, conv), p, conv_t)
+    excess = torch.relu(u - target)
+    penalty = excess.pow(2).mean()
+    w = 2 * excess / u.numel()
+    with forward_ad.dual_level():
+        f, t = linearize_tracked(x, forward_ad.make_dual(h, w), p, conv)
+        flat = [forward_ad.unpack_dual(g).tangent for g in _flat(step_vjp(ones, f, t, p, conv_t, weight_grad))]
+    return penalty, _unflat(tuple(flat), p)
+
+
+def _flat(g: StepGrads) -> list[Tensor]:
+    out = [g.x, g.h, g.u1_weight, g.u1_bias, g.u2_weight, g.u2_bias, g.w_inh, g.w_exc, g.alpha, g.mu, g.kappa,
+           g.gamma, g.omega]
+    for pair in (g.norm_inh, g.norm_exc):
+        if pair is not None:
+            out += list(pair)
+    return out
+
+
+def _unflat(flat: tuple[Tensor, ...], p: HGRUParams) -> StepGrads:
+    head, rest = list(flat[:13]), list(flat[13:])
+    pairs = []
+    for spec in (p.norm_inh, p.norm_exc):
+        if spec.kind == "none":
+            pairs.append(None)
+        else:
+            pairs.append((rest.pop(0), rest.pop(0)))
+    return StepGrads(*head, norm_inh=pairs[0], norm_exc=pairs[1])
