@@ -5,6 +5,7 @@ conv="fft", and the conv="auto" choice."""
 from __future__ import annotations
 
 import gc
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import assert_close
 from crbp_fast import HGRUCell, fixed_point, lcp_penalty
 from crbp_fast import conv as conv_engines
 from crbp_fast.conv import DIRECT, FFT
+from crbp_fast.solvers import AdjointDivergenceWarning
 from crbp_fast.fft_conv import FFTConv, SpectraScope, fft_shape, kernel_spectrum, kernel_spectrum_adjoint, smooth_size
 from crbp_fast.hgru.backends import PassLinearization
 from crbp_fast.hgru.reference import conv_same, conv_same_transpose
@@ -279,8 +281,13 @@ def test_no_stale_spectra_through_any_public_path(backend, write):
                      name="fixed_point")
     grads = []
     for cell in (direct, fft):
-        res = fixed_point(cell, x, steps=3, algorithm="crbp", adjoint_steps=3, adjoint_tol=0, lcp_target=0.0)
-        grads.append(torch.autograd.grad((res.state * v).sum() + res.penalty, [cell.w_gate_inh, cell.w_gate_exc]))
+        # This random cell is not contractive: both engines see the same diverging adjoint and
+        # return the same best partial sum (the engine's rule); only their agreement matters here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AdjointDivergenceWarning)
+            res = fixed_point(cell, x, steps=3, algorithm="crbp", adjoint_steps=3, adjoint_tol=0, lcp_target=0.0)
+            grads.append(torch.autograd.grad((res.state * v).sum() + res.penalty,
+                                             [cell.w_gate_inh, cell.w_gate_exc]))
     for a, r in zip(grads[1], grads[0]):
         assert_close(a, r, rtol=1e-9, name="crbp gradient")
 
