@@ -75,19 +75,25 @@ def rss_child(
     return {"baseline": baseline, "peak": _maxrss_bytes(), "adjoint_iterations": stats.adjoint_iterations}
 
 
+def reset_cuda_peak(device: torch.device) -> int | None:
+    """On CUDA: free what can be freed, reset the peak counter, and return the bytes allocated
+    now (the baseline of a ``cuda_max_allocated`` row); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
 def _saved_and_cuda_peak(
     cell, x, algorithm: str, steps: int, adjoint_steps: int,
 ) -> tuple[int, int | None, int | None, int | None]:
     """(saved bytes, cuda baseline, cuda peak, adjoint iterations) of one training iteration."""
     device = x.device
     cuda = device.type == "cuda"
-    baseline = None
-    if cuda:
-        gc.collect()
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
+    baseline = reset_cuda_peak(device)
     cell.zero_grad(set_to_none=True)
     with SavedTensorBytes() as saved:
         loss, stats = training_loss(cell, x, algorithm, steps, adjoint_steps)
@@ -192,4 +198,4 @@ def _rss_row(sweep: Sweep, env: Environment, config: dict) -> Record:
     return env.record(**config, status=status, note=note)
 
 
-__all__ = ["SavedTensorBytes", "rss_child", "run_memory"]
+__all__ = ["SavedTensorBytes", "reset_cuda_peak", "rss_child", "run_memory"]

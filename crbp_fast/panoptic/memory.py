@@ -15,13 +15,12 @@ and ``cpu`` (2 images of 256 x 384, ResNet-18, FPN width 64: the stated smaller 
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..bench.memory import SavedTensorBytes
+from ..bench.memory import SavedTensorBytes, reset_cuda_peak
 from ..bench.records import Environment, Record, append_records, records_path
 from ..hgru.backends import resolve_backend
 from .model import PanopticConfig, PanopticFPN
@@ -88,13 +87,7 @@ def measure(preset: MemoryPreset, algorithm: str, steps: int, device: torch.devi
     model.to(device).train()
     images, targets = _inputs(preset, device, seed)
     cuda = device.type == "cuda"
-    baseline = None
-    if cuda:
-        gc.collect()
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
+    baseline = reset_cuda_peak(device)
     torch.manual_seed(seed)  # the same RPN / ROI sampling in every configuration
     with SavedTensorBytes() as saved:
         out = model(images, targets)
