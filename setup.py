@@ -5,7 +5,7 @@
 ``--no-build-isolation`` builds against the torch already installed (an isolated build
 environment would fetch another torch).
 
-The native extension ``crbp_fast.native._C`` (csrc/) is built with torch.utils.cpp_extension and
+The native extension ``crbp_fast.hgru.native._C`` (csrc/) is built with torch.utils.cpp_extension and
 ninja: the C++ CPU kernels always, the CUDA kernels when the installed torch has CUDA and nvcc is
 found. Environment switches:
 
@@ -85,9 +85,9 @@ def _native_extension() -> tuple[list, dict]:
         extra["extra_compile_args"]["cxx"] = cxx_flags + ["-DCRBP_WITH_CUDA"]
         extra["extra_compile_args"]["nvcc"] = ["-O3", "-DCRBP_WITH_CUDA", "-lineinfo"]
         extra["library_dirs"] = [str(d) for d in (*toolkit.link_dirs, toolkit.lib_dir)]
-        ext = CUDAExtension("crbp_fast.native._C", sources, **extra)
+        ext = CUDAExtension("crbp_fast.hgru.native._C", sources, **extra)
     else:
-        ext = CppExtension("crbp_fast.native._C", sources, **extra)
+        ext = CppExtension("crbp_fast.hgru.native._C", sources, **extra)
     ext.optional = not (with_cuda and cuda_switch == "1")
 
     class BuildNative(BuildExtension):

@@ -5,10 +5,10 @@
     res = fixed_point(cell, x, steps=20, algorithm="crbp")
 """
 
-from .fixed_point import ALGORITHMS, FixedPointResult, FixedPointStats, fixed_point
+from .engine.fixed_point import ALGORITHMS, FixedPointResult, FixedPointStats, fixed_point
 from .hgru import HGRUCell
-from .lcp import lcp_penalty
-from .solvers import AdjointDivergenceWarning
+from .engine.lcp import lcp_penalty
+from .engine.solvers import AdjointDivergenceWarning
 
 __version__ = "0.1.0"
 

@@ -13,11 +13,11 @@ import sys
 #: (subcommand, module with ``register(subparsers)``, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "crbp_fast.demo", "train a small hGRU a few iterations with each algorithm"),
-    ("pathfinder", "crbp_fast.data.cli", "generate Pathfinder datasets (shards) and preview samples"),
-    ("train", "crbp_fast.train", "train a Pathfinder hGRU with bptt / cbptt / rbp / crbp (DDP via torchrun)"),
-    ("diagnose", "crbp_fast.diagnose", "stability past the training N: metric per step, state space, KS test"),
+    ("pathfinder", "crbp_fast.tasks.pathfinder.data_cli", "generate Pathfinder datasets (shards) and preview samples"),
+    ("train", "crbp_fast.tasks.pathfinder.train", "train a Pathfinder hGRU with bptt / cbptt / rbp / crbp (DDP via torchrun)"),
+    ("diagnose", "crbp_fast.tasks.pathfinder.diagnose", "stability past the training N: metric per step, state space, KS test"),
     ("bench", "crbp_fast.bench.cli", "benchmark suite and memory profiler: what C-RBP costs against BPTT"),
-    ("panoptic", "crbp_fast.panoptic.cli", "recurrent Panoptic FPN on torchvision: data, train, eval, memory"),
+    ("panoptic", "crbp_fast.tasks.panoptic.cli", "recurrent Panoptic FPN on torchvision: data, train, eval, memory"),
 ]
 
 

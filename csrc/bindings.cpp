@@ -1,5 +1,5 @@
-// crbp_fast.native._C: the pybind11 module over the validated entry points of ops.h.
-// Python-side wrappers with reference-compatible signatures live in crbp_fast/native/hgru.py.
+// crbp_fast.hgru.native._C: the pybind11 module over the validated entry points of ops.h.
+// Python-side wrappers with reference-compatible signatures live in crbp_fast/hgru/native/hgru.py.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>

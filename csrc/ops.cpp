@@ -70,7 +70,7 @@ void check_map(const Tensor& t, const char* name) {
                 ": the CUDA kernels take float32 or bfloat16, got ", t.scalar_type());
 #else
     TORCH_CHECK(false, name, ": is on ", t.device(),
-                " but crbp_fast.native was built without CUDA; rebuild it with a CUDA-enabled torch and nvcc "
+                " but crbp_fast.hgru.native was built without CUDA; rebuild it with a CUDA-enabled torch and nvcc "
                 "(CRBP_FAST_CUDA=1 pip install --no-build-isolation -e .)");
 #endif
   } else {

@@ -1,5 +1,5 @@
 // The validated entry points of the extension: what bindings.cpp exposes to Python as
-// crbp_fast.native._C and what the C++ tests call. Each checks every argument with TORCH_CHECK
+// crbp_fast.hgru.native._C and what the C++ tests call. Each checks every argument with TORCH_CHECK
 // (device, dtype, contiguity, shape) and runs the CPU or CUDA implementation of hgru.h.
 //
 // A normalisation is passed flat, as reference.NormSpec's fields: kind ("batch", "group" or

@@ -21,6 +21,6 @@ t0=$(date +%s)
 CRBP_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py build_ext --inplace >build.log 2>&1 \
   || { tail -n 40 build.log; echo "[cuda-build] FAILED"; exit 1; }
 grep -m1 "CUDA_HOME=" build.log || true
-PYTHONPATH=$tmp "$PY" -c "from crbp_fast.native import _C; assert _C.with_cuda(), 'built without CUDA'; print('[cuda-build] built with CUDA:', _C.__file__)"
+PYTHONPATH=$tmp "$PY" -c "from crbp_fast.hgru.native import _C; assert _C.with_cuda(), 'built without CUDA'; print('[cuda-build] built with CUDA:', _C.__file__)"
 echo "[cuda-build] compiled and linked in $(($(date +%s) - t0)) s"
-PYTHONPATH=$tmp "$PY" -m pytest tests/test_native_backend.py -q -p no:cacheprovider
+PYTHONPATH=$tmp "$PY" -m pytest tests/hgru/test_native_backend.py -q -p no:cacheprovider

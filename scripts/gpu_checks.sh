@@ -132,7 +132,7 @@ PYEOF
 build() {
   if [ "$DRY" = 1 ]; then
     echo "dry run: no CUDA build; the CPU extension of scripts/setup_env.sh is used" | tee "$OUT/build.log"
-    "$PY" -c "from crbp_fast.native import _C; print('native extension:', _C.__file__, 'cuda', _C.with_cuda())"
+    "$PY" -c "from crbp_fast.hgru.native import _C; print('native extension:', _C.__file__, 'cuda', _C.with_cuda())"
     return
   fi
   # In place (the checkout is on PYTHONPATH): works with a read-only site-packages; ninja
@@ -142,7 +142,7 @@ build() {
   local rc=$?
   tail -n 25 "$OUT/build.log"
   [ "$rc" -eq 0 ] || { echo "build failed (exit $rc); the whole log is build.log"; return "$rc"; }
-  "$PY" -c "from crbp_fast.native import _C; assert _C.with_cuda(), 'built without CUDA'; print('native CUDA built:', _C.__file__)"
+  "$PY" -c "from crbp_fast.hgru.native import _C; assert _C.with_cuda(), 'built without CUDA'; print('native CUDA built:', _C.__file__)"
 }
 
 pytest_stage() {  # pytest_stage NAME SECONDS XML-SUFFIX PYTEST-ARGS...
@@ -165,21 +165,21 @@ fi
 
 if [ "$MODE" = smoke ]; then
   # One Triton config per kernel (no autotuning) keeps the compile time of the smoke run small.
-  NATIVE_TESTS=(tests/test_native_backend.py)
+  NATIVE_TESTS=(tests/hgru/test_native_backend.py)
   [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && NATIVE_TESTS=()
   GPU_ONLY=(-m gpu)
   [ "$DRY" = 1 ] && GPU_ONLY=()  # on CPU every gpu test skips: run the files' CPU tests instead
   CRBP_FAST_TRITON_ONE_CONFIG=1 pytest_stage "gpu tests" 120 smoke "${GPU_ONLY[@]}" "${NATIVE_TESTS[@]}" \
-    tests/test_triton_backend.py
-  CRBP_FAST_TRITON_ONE_CONFIG=1 pytest_stage "paper-shape checks" 90 paper tests/test_paper_shape.py
-  stage "bandwidth fp32" 45 "$PY" -m crbp_fast.triton.bandwidth --dtype float32 "${BW_ARGS[@]}" --out "$OUT/bandwidth.jsonl"
+    tests/hgru/test_triton_backend.py
+  CRBP_FAST_TRITON_ONE_CONFIG=1 pytest_stage "paper-shape checks" 90 paper tests/hgru/test_paper_shape.py
+  stage "bandwidth fp32" 45 "$PY" -m crbp_fast.hgru.triton.bandwidth --dtype float32 "${BW_ARGS[@]}" --out "$OUT/bandwidth.jsonl"
 else
   # The records first (the README's GPU table is filled from them; rows are kept as measured),
   # then the whole suite with what is left of the budget.
   mkdir -p "$OUT/records"
   ENGINES=(--backends torch triton native)
   [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && ENGINES=(--backends torch triton)
-  stage "bandwidth bf16" 30 "$PY" -m crbp_fast.triton.bandwidth --dtype "$BF16" "${BW_ARGS[@]}" --out "$OUT/bandwidth.jsonl"
+  stage "bandwidth bf16" 30 "$PY" -m crbp_fast.hgru.triton.bandwidth --dtype "$BF16" "${BW_ARGS[@]}" --out "$OUT/bandwidth.jsonl"
   stage "bench memory crbp" 40 bench memory "${SHAPE_BENCH[@]}" --algorithms crbp --steps "${MEM_CRBP[@]}" \
     --backends triton --conv fft --out "$OUT/records"
   stage "bench memory bptt" 40 bench memory "${SHAPE_BENCH[@]}" --algorithms bptt --steps "${MEM_BPTT[@]}" \
@@ -188,8 +188,8 @@ else
     --speed-steps "${SPEED_STEPS[@]}" --compile-timeout 40 --out "$OUT/records"
   stage "bench plot" 15 bench plot --records "$OUT"/records/*.jsonl --out "$OUT/records"
   IGNORE=()
-  [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && IGNORE=(--ignore=tests/test_native_backend.py)
-  pytest_stage "test suite" 200 full tests "${IGNORE[@]}" --ignore=tests/test_paper_shape.py
+  [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && IGNORE=(--ignore=tests/hgru/test_native_backend.py)
+  pytest_stage "test suite" 200 full tests "${IGNORE[@]}" --ignore=tests/hgru/test_paper_shape.py
 fi
 
 # The device tool brings back at most 8 files, at most two folders down; this run promises one.

@@ -15,7 +15,7 @@ log() { echo "[setup] $*" >&2; }
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   PY=python3
   log "using $(command -v python3) with its CUDA torch"
-  if ! $PY -c "import crbp_fast.native._C" 2>/dev/null || [ -n "${CRBP_REINSTALL:-}" ]; then
+  if ! $PY -c "import crbp_fast.hgru.native._C" 2>/dev/null || [ -n "${CRBP_REINSTALL:-}" ]; then
     if $PY -c "import os, sysconfig, sys; sys.exit(0 if os.access(sysconfig.get_paths()['purelib'], os.W_OK) else 1)"; then
       $PY -m pip install -q --no-build-isolation --no-deps -e . >&2
     else

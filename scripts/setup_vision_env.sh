@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv-vision, the environment of the parts that need torchvision (crbp_fast.panoptic,
-# crbp_fast.models.RecurrentFPN, tests/vision), and prints the python to use.
+# Sets up .venv-vision, the environment of the parts that need torchvision (crbp_fast.tasks.panoptic,
+# crbp_fast.models.RecurrentFPN, tests/panoptic), and prints the python to use.
 #
 # Why a second environment: the core .venv has the CPU build of torch 2.13, and every torchvision
 # wheel on the index is built against a CUDA build of torch, so `import torchvision` fails beside

@@ -6,7 +6,7 @@ import torch
 from conftest import assert_close
 
 from crbp_fast import HGRUCell
-from crbp_fast.conv import DIRECT
+from crbp_fast.conv.engines import DIRECT
 from crbp_fast.hgru import reference
 from crbp_fast.hgru.backends import resolve_backend
 

@@ -14,10 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# tests/vision needs torchvision, which does not import beside the core environment's CPU torch
+# tests/panoptic needs torchvision, which does not import beside the core environment's CPU torch
 # (DESIGN section 5). scripts/test_vision.sh runs it in .venv-vision with CRBP_VISION_TESTS=1;
 # the core run does not collect it at all, rather than skipping its tests one by one.
-collect_ignore = [] if os.environ.get("CRBP_VISION_TESTS") == "1" else ["vision"]
+collect_ignore = [] if os.environ.get("CRBP_VISION_TESTS") == "1" else ["panoptic"]
 
 
 @pytest.fixture(autouse=True)

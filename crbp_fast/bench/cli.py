@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..cli import CLIError
-from ..conv import CONV_NAMES
-from ..fixed_point import ALGORITHMS
+from ..conv.engines import CONV_NAMES
+from ..engine.fixed_point import ALGORITHMS
 from ..hgru.backends import BACKEND_NAMES
 from .memory import run_memory
 from .phases import machine_rates, run_phases

@@ -32,10 +32,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import conv as conv_engines
-from ..fft_conv import SpectraScope, fft_shape
-from ..lcp import lcp_from_step
-from ..solvers import neumann_adjoint
+from ..conv import engines as conv_engines
+from ..conv.fft import SpectraScope, fft_shape
+from ..engine.lcp import lcp_from_step
+from ..engine.solvers import neumann_adjoint
 from .records import Environment, Record
 from .setups import PENALTY_WEIGHT, Shape, Sweep, make_cell, make_inputs, synchronize
 from .speed import summarize
@@ -44,7 +44,7 @@ PHASES = ("forward", "penalty", "adjoint", "final_backward")
 PHASE_ALGORITHMS = ("rbp", "crbp")
 
 # Full-map passes per operation (reads + writes of (B, C, H, W) maps), convs aside. Fused
-# backends: the native module's count (crbp_fast/native/hgru.py); the reference composition:
+# backends: the native module's count (crbp_fast/hgru/native/hgru.py); the reference composition:
 # one pass per elementwise op of reference.step (its autograd backward about twice that).
 _MAPS = {
     "fused": {"step": 14, "linearize": 24, "vjp": 30},

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib import ticker  # noqa: E402
 
-from ..fixed_point import ALGORITHMS  # noqa: E402
+from ..engine.fixed_point import ALGORITHMS  # noqa: E402
 from .records import Record, device_slug  # noqa: E402
 
 MIB = 2.0**20

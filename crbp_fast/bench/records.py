@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..fixed_point import ALGORITHMS
+from ..engine.fixed_point import ALGORITHMS
 
 SCHEMA_VERSION = 2
 SUITES = ("memory", "speed", "phases")

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .. import conv as conv_engines
-from ..fixed_point import ALGORITHMS, FixedPointStats, fixed_point
+from ..conv import engines as conv_engines
+from ..engine.fixed_point import ALGORITHMS, FixedPointStats, fixed_point
 from ..hgru import HGRUCell
 from ..hgru.backends import BACKEND_NAMES, resolve_backend
 

@@ -1,7 +1,10 @@
-"""Pathfinder data: the procedural generator and the torch datasets (on the fly or on-disk shards)."""
+"""Pathfinder data: the procedural generator and the torch datasets (on the fly or on-disk shards).
 
-from .dataset import EVAL_INDEX_OFFSET, PathfinderDataset, ShardedPathfinder, ShardError, write_shards
-from .pathfinder import (
+The public names of :mod:`crbp_fast.tasks.pathfinder.generator` and
+:mod:`crbp_fast.tasks.pathfinder.dataset`, where the task keeps them."""
+
+from ..tasks.pathfinder.dataset import EVAL_INDEX_OFFSET, PathfinderDataset, ShardedPathfinder, ShardError, write_shards
+from ..tasks.pathfinder.generator import (
     DEFAULT_CONFIG, TASKS, PathfinderConfig, PathfinderError, PathfinderSample, draw, draw_index, generate,
 )
 

@@ -113,9 +113,9 @@ def _load(name: str) -> None:
         return
     try:
         if name == "triton":
-            from ..triton import hgru as _  # noqa: F401
+            from .triton import hgru as _  # noqa: F401
         elif name == "native":
-            from ..native import hgru as _  # noqa: F401
+            from .native import hgru as _  # noqa: F401
     except ImportError as err:  # the backend's dependency is missing: it stays unregistered
         _load_errors[name] = str(err)
         log.debug("backend %r could not be imported: %s", name, err)

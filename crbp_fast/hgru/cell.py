@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import conv as conv_engines
+from ..conv import engines as conv_engines
 from .backends import BACKEND_NAMES, Linearization, resolve_backend
 from .reference import NORM_KINDS, HGRUParams, NormSpec
 
@@ -233,7 +233,7 @@ class HGRUCell(nn.Module):
         """F at (x, h) with everything its VJP ``J^T v`` needs computed once.
 
         Returns an object with ``.state`` (= F(x, h), detached) and ``.vjp(v)`` (= J^T v with
-        J = dF/dh at h), used by :func:`crbp_fast.fixed_point` in the adjoint loop.
+        J = dF/dh at h), used by :func:`crbp_fast.engine.fixed_point` in the adjoint loop.
         """
         h = self.check_inputs(x, h)
         backend, engine = self._backend_and_conv(x)

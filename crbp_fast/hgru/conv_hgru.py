@@ -24,7 +24,7 @@ class ConvHGRUCell(nn.Module):
     """hGRU with a 1x1 input projection (``in_channels`` -> ``channels``), 3x3 kernels, GroupNorm.
 
     ``cell(x, h)`` is one step ``F(P x, h)`` (an ``f(x, h) -> h`` module for
-    :func:`crbp_fast.fixed_point`); a loop over many steps should call ``cell.drive(x)`` once and
+    :func:`crbp_fast.engine.fixed_point`); a loop over many steps should call ``cell.drive(x)`` once and
     iterate ``cell.step`` (an :class:`HGRUCell`, with ``linearize``) on the drive, as
     :class:`crbp_fast.models.RecurrentFPN` does.
 

@@ -1,10 +1,13 @@
-"""Models for Pathfinder: the hGRU with its Gabor drive and readout, the focal loss, the metrics."""
+"""The tasks' models, by their public names: for Pathfinder the hGRU with its Gabor drive and
+readout, the focal loss, the metrics and the published-checkpoint reader (kept in
+:mod:`crbp_fast.tasks.pathfinder`); for the panoptic task ``RecurrentFPN`` (in
+:mod:`crbp_fast.tasks.panoptic.fpn`; imported on first use, as it needs torchvision)."""
 
-from .gabor import brightness_blob, gabor_bank, published_bank
-from .losses import FOCAL_VARIANTS, focal_loss
-from .metrics import METRICS, confusion, scores
-from .pathfinder_hgru import CONV0_BANKS, READOUT_INITS, PathfinderHGRU, PathfinderOutput
-from .published import PUBLISHED_FORMAT, PublishedCheckpointError, is_published_checkpoint, load_published
+from ..tasks.pathfinder.gabor import brightness_blob, gabor_bank, published_bank
+from ..tasks.pathfinder.losses import FOCAL_VARIANTS, focal_loss
+from ..tasks.pathfinder.metrics import METRICS, confusion, scores
+from ..tasks.pathfinder.model import CONV0_BANKS, READOUT_INITS, PathfinderHGRU, PathfinderOutput
+from ..tasks.pathfinder.published import PUBLISHED_FORMAT, PublishedCheckpointError, is_published_checkpoint, load_published
 
 __all__ = [
     "CONV0_BANKS", "FOCAL_VARIANTS", "METRICS", "PUBLISHED_FORMAT", "READOUT_INITS", "PathfinderHGRU",
@@ -17,7 +20,7 @@ def __getattr__(name: str):
     # RecurrentFPN subclasses torchvision's FPN: import torchvision only when it is asked for, so
     # that the core package imports without it.
     if name == "RecurrentFPN":
-        from ..panoptic.fpn import RecurrentFPN
+        from ..tasks.panoptic.fpn import RecurrentFPN
 
         return RecurrentFPN
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

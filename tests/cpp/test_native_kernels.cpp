@@ -125,7 +125,7 @@ Tensor step_ref(const Tensor& x, const Tensor& h, const Cell& cell) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The native passes composed as crbp_fast/native/hgru.py does.
+// The native passes composed as crbp_fast/hgru/native/hgru.py does.
 
 Tensor step_native(const Tensor& x, const Tensor& h, const Cell& cell) {
   using namespace crbp::ops;
