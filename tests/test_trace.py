@@ -158,3 +158,31 @@ def test_plot_trace_writes_pngs(tmp_path):
     assert both.stat().st_size > 1000
     with pytest.raises(ValueError, match=r"trace: these stats have no trace; run fixed_point\(\.\.\., trace=True\)"):
         plot_trace(fixed_point(f, x, (z, z), steps=3).stats, tmp_path / "none.png")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts device synchronisations")
+def test_trace_on_cuda_adds_no_device_sync_per_step():
+    """On a GPU, torch's sync debug mode warns at every synchronising call: the count does not grow with N."""
+    import warnings
+
+    f = Pair().cuda()
+    x = torch.randn(2, 6, dtype=DT, device="cuda", requires_grad=True)
+    z = torch.zeros(2, 6, dtype=DT, device="cuda")
+
+    def syncs(n, k):
+        res = fixed_point(f, x, (z, z), steps=n, algorithm="rbp", adjoint_steps=k, adjoint_tol=0.0, trace=True)
+        loss = res.state[0].sum()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                res = fixed_point(f, x, (z, z), steps=n, algorithm="rbp", adjoint_steps=k, adjoint_tol=0.0, trace=True)
+                res.state[0].sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        del loss
+        assert res.stats.trace.forward.shape[0] == n and res.stats.trace.adjoint.shape[0] == k
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    assert syncs(4, 3) == syncs(40, 30)
