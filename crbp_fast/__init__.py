@@ -5,7 +5,10 @@
     res = fixed_point(cell, x, steps=20, algorithm="crbp")
 """
 
-from .engine.fixed_point import ALGORITHMS, FixedPointResult, FixedPointStats, fixed_point
+from .cells import ConvGRUCell, ConvLSTMCell
+from .engine.fixed_point import (
+    ALGORITHMS, ENGINE_ALGORITHMS, FixedPointResult, FixedPointStats, FixedPointTrace, fixed_point,
+)
 from .hgru import HGRUCell
 from .engine.lcp import lcp_penalty
 from .engine.solvers import AdjointDivergenceWarning
@@ -13,6 +16,7 @@ from .engine.solvers import AdjointDivergenceWarning
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGORITHMS", "AdjointDivergenceWarning", "FixedPointResult", "FixedPointStats", "HGRUCell",
+    "ALGORITHMS", "AdjointDivergenceWarning", "ConvGRUCell", "ConvLSTMCell", "ENGINE_ALGORITHMS",
+    "FixedPointResult", "FixedPointStats", "FixedPointTrace", "HGRUCell",
     "fixed_point", "lcp_penalty", "__version__",
 ]

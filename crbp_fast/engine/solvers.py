@@ -31,6 +31,13 @@ class AdjointDivergenceWarning(RuntimeWarning):
     """The adjoint iteration grew instead of converging: the cell is not contractive at h*."""
 
 
+def _rel_t(num: Tensor, den: Tensor) -> Tensor:
+    """num / den as a device tensor (0 / 0 = 0, x / 0 = inf), without a host synchronisation."""
+    num, den = num.detach(), den.detach()
+    return torch.where(den > 0, num / den.clamp_min(1e-300 if den.dtype == torch.float64 else 1e-38),
+                       torch.where(num == 0, torch.zeros_like(num), torch.full_like(num, math.inf)))
+
+
 def _rel(num: Tensor, den: Tensor) -> float:
     d = float(den)
     return float(num) / d if d > 0 else (0.0 if float(num) == 0 else math.inf)
@@ -77,7 +84,7 @@ def _diverged(
 
 def neumann_adjoint(
     vjp: Callable[[Tensor], Tensor], v0: Tensor, *, max_steps: int, tol: float,
-    rule: str = "relative",
+    rule: str = "relative", trace: list[Tensor] | None = None,
 ) -> SolveResult:
     """g = v0 + J^T v0 + (J^T)^2 v0 + ... with ``vjp(v) = J^T v``.
 
@@ -89,6 +96,9 @@ def neumann_adjoint(
     for a few iterations and then shrink (a contractive, non-normal J) are not divergence.
     rule "published": the published code's scale-dependent rules: stop (discarding the last
     term) when ||g|| > 1, when ||v_k|| grows, or when ||v_k|| < 1e-9.
+
+    ``trace``: a list that receives, at each iteration k, the relative residual ||v_k|| / ||g_k||
+    as a 0-d device tensor (no host synchronisation; the caller stacks them at the end).
     """
     g = v0
     v = v0
@@ -100,6 +110,8 @@ def neumann_adjoint(
         for k in range(1, max_steps + 1):
             v = vjp(v)
             nv = v.norm()
+            if trace is not None:
+                trace.append(_rel_t(nv, (g + v).norm()))
             if not torch.isfinite(nv):
                 return _diverged(vjp, v0, k, f"non-finite J^T v at iteration {k}", k)
             g_new = g + v
@@ -111,6 +123,8 @@ def neumann_adjoint(
     for k in range(1, max_steps + 1):
         v = vjp(v)
         g = g + v
+        if trace is not None:
+            trace.append(_rel_t(v.norm(), g.norm()))
         if tol == 0:
             continue
         nv = float(v.norm())
@@ -136,7 +150,7 @@ def neumann_adjoint(
 
 def anderson(
     fn: Callable[[Tensor], Tensor], x0: Tensor, *, max_steps: int, tol: float = 0.0,
-    window: int = 5, damping: float = 1.0, reg: float = 1e-8,
+    window: int = 5, damping: float = 1.0, reg: float = 1e-8, trace: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Anderson acceleration of x = fn(x) for P independent problems, x0 of shape (P, D).
 
@@ -144,6 +158,10 @@ def anderson(
     that minimise the combined residual (a small regularised least-squares problem per row).
     Stops after ``max_steps`` evaluations, or once every row's relative residual
     ||fn(x) - x|| / ||fn(x)|| is below ``tol`` (tol > 0).
+
+    ``trace``: a list that receives, after each evaluation, the per-row relative residual
+    ||fn(x) - x|| / ||fn(x)|| of the evaluated iterate, shape (P,), as device tensors (no host
+    synchronisation; the caller stacks them).
 
     Returns (x, fn(x) evaluated at the returned x, evaluations run).
     """
@@ -156,9 +174,15 @@ def anderson(
     evals = 1
     xs[:, 0], fs[:, 0] = x, fx
     k = 1
+
+    def residual() -> Tensor:
+        return ((fx - x).norm(dim=1) / fx.norm(dim=1).clamp_min(1e-30)).detach()
+
+    res = residual() if (tol > 0 or trace is not None) else None
+    if trace is not None:
+        trace.append(res)
     while evals < max_steps:
         if tol > 0:
-            res = (fx - x).norm(dim=1) / fx.norm(dim=1).clamp_min(1e-30)
             if bool((res < tol).all()):
                 break
         n = min(k, m)
@@ -184,14 +208,22 @@ def anderson(
         evals += 1
         xs[:, k % m], fs[:, k % m] = x, fx
         k += 1
+        if tol > 0 or trace is not None:
+            res = residual()
+            if trace is not None:
+                trace.append(res)
     return x, fx, evals
 
 
 def anderson_adjoint(
     vjp: Callable[[Tensor], Tensor], v0: Tensor, *, max_steps: int, tol: float,
-    window: int = 5, damping: float = 1.0,
+    window: int = 5, damping: float = 1.0, trace: list[Tensor] | None = None,
 ) -> SolveResult:
-    """Anderson acceleration of the adjoint fixed point g = v0 + J^T g (one problem)."""
+    """Anderson acceleration of the adjoint fixed point g = v0 + J^T g (one problem).
+
+    ``trace`` receives the relative residual ||step(g) - g|| / ||step(g)|| of each iterate
+    (0-d device tensors), step(g) = v0 + J^T g.
+    """
     if max_steps == 0:
         return SolveResult(v0, 0, math.nan, "max_steps")
     shape = v0.shape
@@ -199,7 +231,11 @@ def anderson_adjoint(
     def step(g_flat: Tensor) -> Tensor:
         return (v0 + vjp(g_flat.reshape(shape))).reshape(1, -1)
 
-    g, fg, evals = anderson(step, v0.reshape(1, -1), max_steps=max_steps, tol=tol, window=window, damping=damping)
+    rows: list[Tensor] | None = [] if trace is not None else None
+    g, fg, evals = anderson(step, v0.reshape(1, -1), max_steps=max_steps, tol=tol, window=window, damping=damping,
+                            trace=rows)
+    if trace is not None:
+        trace.extend(r[0] for r in rows)
     res = _rel((fg - g).norm(), fg.norm())
     if not math.isfinite(res) or res > 1.0:
         return _diverged(

@@ -34,7 +34,8 @@ def test_diagnose_writes_plots_and_summary(checkpoints, tmp_path):
     out = tmp_path / "diag"
     summary = diagnose([str(p) for p in checkpoints], test_steps=6, out=out, n_images=8, batch_size=4, pca_images=3)
     assert sorted(p.name for p in out.iterdir()) == [
-        "distances.png", "metric_vs_step.png", "state_space.png", "summary.json", "training_loss.png"]
+        "distances.png", "forward_trace.png", "metric_vs_step.png", "state_space.png", "summary.json",
+        "training_loss.png"]
     assert json.loads((out / "summary.json").read_text()) == summary
     for entry, algorithm in zip(summary["checkpoints"], ("bptt", "crbp")):
         assert entry["algorithm"] == algorithm and entry["train_steps"] == 3 and entry["metric"] == "f1"

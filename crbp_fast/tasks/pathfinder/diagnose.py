@@ -10,8 +10,14 @@ without a graph, and this writes to ``--out``:
     image's trajectory drawn through them;
 (c) ``distances.png``: ||h_T - h_N|| per image, and with two or more checkpoints a two-sample
     Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``) between each pair's distances;
+(d) ``forward_trace.png``: the relative residual ||h_t - h_{t-1}|| / ||h_t|| at every step of the
+    first batch (``fixed_point(..., trace=True)``; :func:`plot_trace`);
 ``training_loss.png`` from the ``log.jsonl`` beside each checkpoint (when there is one), and
 ``summary.json`` with all the numbers.
+
+Any cell of the Pathfinder model works: the hGRU, or a standard cell (``--cell convgru`` /
+``convlstm`` at training); for a cell whose state is a tuple (a ConvLSTM's (h, c)) the metric,
+the PCA and the distances use h, the tensor the readout reads (:func:`crbp_fast.engine.state.primary`).
 
 A stable (contractive) model has small distances and a flat metric past N; a BPTT-trained one
 typically drifts away and its metric falls (the paper: ~0.2 F1 by step 50 on PF14).
@@ -39,6 +45,9 @@ from .generator import DEFAULT_CONFIG, PathfinderConfig, PathfinderError, check_
 from .metrics import METRICS, confusion, scores
 from .model import PathfinderHGRU
 from .published import PUBLISHED_FORMAT, PublishedCheckpointError
+from ...engine.fixed_point import fixed_point
+from ...engine.state import primary
+from ...engine.trace import plot_trace
 from .train import CheckpointError, build_model, load_model_state, read_checkpoint
 
 #: Image side of the published Pathfinder runs (their checkpoints do not record it).
@@ -66,6 +75,7 @@ class Diagnosis:
     relative_distances: np.ndarray  # ||h_T - h_N|| / ||h_N|| per image
     pca: np.ndarray  # (T, P, 2) projected pooled states of P images
     explained_variance: list[float]
+    forward_trace: list[list[float]]  # (T, B) relative residual per step of the first batch
 
 
 def load_checkpoint_model(
@@ -154,12 +164,17 @@ def diagnose_checkpoint(
     )
     counts = torch.zeros(test_steps, 4, dtype=torch.int64)
     distances, relative, pooled = [], [], []
+    forward_trace = None
     for lo in range(0, n_images, batch_size):
         batch = [data[i] for i in range(lo, min(lo + batch_size, n_images))]
         images = torch.stack([b[0] for b in batch]).to(device)
         target = torch.stack([b[1] for b in batch]).to(device)
+        if lo == 0:
+            res = fixed_point(model.cell, model.drive(images), steps=test_steps, trace=True)
+            forward_trace = res.stats.trace.forward.tolist()
         h_n = None
-        for t, h in enumerate(model.trajectory(images, test_steps), start=1):
+        for t, state in enumerate(model.trajectory(images, test_steps), start=1):
+            h = primary(state)
             counts[t - 1] += confusion(model.head(h).argmax(1), target).cpu()
             if t == n:
                 h_n = h
@@ -184,7 +199,7 @@ def diagnose_checkpoint(
         label=label or Path(path).resolve().parent.name, path=str(path), config=config, train_steps=n,
         metric="f1" if config["task"] == "segmentation" else "balanced_accuracy", per_step=per_step,
         distances=torch.cat(distances).numpy(), relative_distances=torch.cat(relative).numpy(),
-        pca=projected.numpy(), explained_variance=explained,
+        pca=projected.numpy(), explained_variance=explained, forward_trace=forward_trace,
     )
 
 
@@ -296,6 +311,10 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
     ax.legend(fontsize=8)
     save(fig, "distances.png")
 
+    if all("forward_trace" in e for e in entries):
+        paths.append(plot_trace({name(e): {"forward": e["forward_trace"]} for e in entries},
+                                out / "forward_trace.png", title="forward residual per step (first batch)"))
+
     logs = [training_log(e["path"]) for e in entries]
     if any(logs):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -368,6 +387,7 @@ def diagnose(
                     "values": d.distances.tolist(),
                 },
                 "pca": {"explained_variance": d.explained_variance, "points": d.pca.tolist()},
+                "cell": d.config.get("cell", "hgru"), "forward_trace": d.forward_trace,
                 "training": _training_summary(training_log(d.path)),
             }
             for d in diagnoses

@@ -13,6 +13,8 @@ from torch import Tensor
 from .generator import check_task
 from ...engine.fixed_point import ADJOINT_RULES, ADJOINT_SOLVERS, ALGORITHMS, FixedPointStats, fixed_point
 from ...hgru import HGRUCell
+from ...cells import STANDARD_CELLS, ConvGRUCell, ConvLSTMCell
+from ...engine.state import primary
 from .gabor import gabor_bank, published_bank
 from .published import PublishedCheckpointError, load_published, published_shape
 
@@ -24,6 +26,9 @@ CONV0_BANKS = ("published", "zero_mean")
 #: The segmentation readout's init: ``"published"`` (xavier-normal weight, bias log(0.99 / 0.01)
 #: as the published ``conv6``) or ``"torch"`` (torch's default init).
 READOUT_INITS = ("published", "torch")
+#: The recurrent cell: the hGRU (the paper's, default) or a standard cell (crbp_fast.cells), e.g.
+#: for the supplementary material's comparison of a ConvLSTM's state space with the hGRU's.
+CELLS = ("hgru",) + STANDARD_CELLS
 
 
 class PathfinderOutput(NamedTuple):
@@ -69,6 +74,10 @@ class PathfinderHGRU(nn.Module):
             (docs/fidelity.md): its stop does not depend on the loss scale.
         conv0_bank: :data:`CONV0_BANKS`. readout_init: :data:`READOUT_INITS` (segmentation;
             the classification readout, which the published code does not have, keeps torch's init).
+        cell: :data:`CELLS`: ``"hgru"`` (default), ``"convgru"`` (:class:`crbp_fast.ConvGRUCell`)
+            or ``"convlstm"`` (:class:`crbp_fast.ConvLSTMCell`, state (h, c); the readout reads h),
+            C -> C channels with k x k kernels; ``norm`` then applies to the readout only, and
+            ``backend``, ``conv``, ``gate_bias_init`` and ``norm_groups`` to the hGRU only.
 
     A checkpoint written by the published training script loads with :meth:`from_published`.
 
@@ -84,6 +93,7 @@ class PathfinderHGRU(nn.Module):
         gate_bias_init: str = "published", norm_groups: int = 1, adjoint_steps: int = 15,
         adjoint_tol: float = 1e-5, adjoint_solver: str = "neumann", adjoint_rule: str = "relative",
         lcp_target: float = 0.9, conv0_bank: str = "published", readout_init: str = "published",
+        cell: str = "hgru",
     ):
         super().__init__()
         self.task = check_task(task)
@@ -93,7 +103,7 @@ class PathfinderHGRU(nn.Module):
             raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
         for arg, value, choices in (("adjoint_solver", adjoint_solver, ADJOINT_SOLVERS),
                                     ("adjoint_rule", adjoint_rule, ADJOINT_RULES), ("conv0_bank", conv0_bank, CONV0_BANKS),
-                                    ("readout_init", readout_init, READOUT_INITS)):
+                                    ("readout_init", readout_init, READOUT_INITS), ("cell", cell, CELLS)):
             if value not in choices:
                 raise ValueError(f"{arg}: expected one of {choices}, got {value!r}")
         if adjoint_rule == "published" and adjoint_solver != "neumann":
@@ -103,10 +113,15 @@ class PathfinderHGRU(nn.Module):
         self.steps, self.algorithm = steps, algorithm
         self.adjoint_steps, self.adjoint_tol, self.lcp_target = adjoint_steps, adjoint_tol, lcp_target
         self.adjoint_solver, self.adjoint_rule = adjoint_solver, adjoint_rule
-        self.cell = HGRUCell(
-            channels, kernel_size, norm=norm, gate_bias_init=gate_bias_init, backend=backend, conv=conv,
-            norm_groups=norm_groups,
-        )
+        if cell == "hgru":
+            self.cell = HGRUCell(
+                channels, kernel_size, norm=norm, gate_bias_init=gate_bias_init, backend=backend, conv=conv,
+                norm_groups=norm_groups,
+            )
+        elif cell == "convgru":
+            self.cell = ConvGRUCell(channels, channels, kernel_size)
+        else:
+            self.cell = ConvLSTMCell(channels, channels, kernel_size)
         self.conv0 = nn.Conv2d(1, channels, DRIVE_KERNEL, padding=DRIVE_KERNEL // 2)
         with torch.no_grad():
             if conv0_bank == "published":
@@ -115,7 +130,7 @@ class PathfinderHGRU(nn.Module):
             else:
                 self.conv0.weight.copy_(gabor_bank(channels, DRIVE_KERNEL))
                 self.conv0.bias.zero_()
-        self.readout_norm = readout_norm(norm, channels, self.cell.norm_groups)
+        self.readout_norm = readout_norm(norm, channels, getattr(self.cell, "norm_groups", norm_groups))
         self.readout = nn.Conv2d(channels, 2, 1) if task == "segmentation" else nn.Linear(channels, 2)
         if task == "segmentation" and readout_init == "published":
             nn.init.xavier_normal_(self.readout.weight)
@@ -126,7 +141,7 @@ class PathfinderHGRU(nn.Module):
             "norm": norm, "backend": backend, "conv": conv, "gate_bias_init": gate_bias_init,
             "norm_groups": norm_groups, "adjoint_steps": adjoint_steps, "adjoint_tol": adjoint_tol,
             "adjoint_solver": adjoint_solver, "adjoint_rule": adjoint_rule, "lcp_target": lcp_target,
-            "conv0_bank": conv0_bank, "readout_init": readout_init,
+            "conv0_bank": conv0_bank, "readout_init": readout_init, "cell": cell,
         }
 
     @classmethod
@@ -174,9 +189,9 @@ class PathfinderHGRU(nn.Module):
             raise ValueError(f"images: expected shape (B, 1, H, W), got {tuple(images.shape)}")
         return self.conv0(images).pow(2)
 
-    def head(self, h: Tensor) -> Tensor:
-        """Logits from a state h (B, C, H, W): (B, 2, H, W) or (B, 2)."""
-        z = self.readout_norm(h)
+    def head(self, h) -> Tensor:
+        """Logits from a state h (B, C, H, W) (or a ConvLSTM's (h, c): its h): (B, 2, H, W) or (B, 2)."""
+        z = self.readout_norm(primary(h))
         if self.task == "classification":
             z = z.amax(dim=(2, 3))
         return self.readout(z)
@@ -192,14 +207,15 @@ class PathfinderHGRU(nn.Module):
         return PathfinderOutput(self.head(res.state), res.penalty, res.stats)
 
     @torch.no_grad()
-    def trajectory(self, images: Tensor, steps: int) -> Iterator[Tensor]:
-        """The states h_1 .. h_steps from h0 = 0, one at a time, without a graph."""
+    def trajectory(self, images: Tensor, steps: int) -> Iterator:
+        """The states h_1 .. h_steps from h0 = 0, one at a time, without a graph (a ConvLSTM's as
+        (h, c) pairs)."""
         x = self.drive(images)
-        h = torch.zeros_like(x)
+        h = self.cell.init_state(x) if hasattr(self.cell, "init_state") else torch.zeros_like(x)
         for _ in range(steps):
             h = self.cell(x, h)
             yield h
 
 
-__all__ = ["CONV0_BANKS", "READOUT_INITS", "PathfinderHGRU", "PathfinderOutput", "PublishedCheckpointError",
+__all__ = ["CELLS", "CONV0_BANKS", "READOUT_INITS", "PathfinderHGRU", "PathfinderOutput", "PublishedCheckpointError",
            "readout_norm"]

@@ -62,7 +62,7 @@ from ..runs import (
 )
 from .losses import FOCAL_VARIANTS, focal_loss
 from .metrics import confusion, scores
-from .model import CONV0_BANKS, READOUT_INITS, PathfinderHGRU
+from .model import CELLS, CONV0_BANKS, READOUT_INITS, PathfinderHGRU
 from .published import PublishedCheckpointError, is_published_checkpoint, load_published
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -79,7 +79,7 @@ RESUMABLE_CHANGES = frozenset({
 #: a missing field means that value, so an old run is neither rebuilt nor resumed differently.
 LEGACY_DEFAULTS = {
     "adjoint_rule": "relative", "adjoint_solver": "neumann", "focal_variant": "differentiable",
-    "conv0_bank": "zero_mean", "readout_init": "torch",
+    "conv0_bank": "zero_mean", "readout_init": "torch", "cell": "hgru",
 }
 #: Fields that only set the initial weights: on resume the checkpoint's values are kept (its weights are loaded).
 INIT_ONLY = frozenset({"conv0_bank", "readout_init"})
@@ -117,6 +117,7 @@ class TrainConfig:
     gate_bias_init: str = "published"
     conv0_bank: str = "published"
     readout_init: str = "published"
+    cell: str = "hgru"
     eval_size: int = 256
     eval_every: int = 0
     checkpoint_every: int = 500
@@ -140,7 +141,7 @@ class TrainConfig:
         for name, choices in (("algorithm", ALGORITHMS), ("norm", NORM_KINDS), ("backend", BACKEND_NAMES),
                               ("adjoint_solver", ADJOINT_SOLVERS), ("adjoint_rule", ADJOINT_RULES),
                               ("focal_variant", FOCAL_VARIANTS), ("conv0_bank", CONV0_BANKS),
-                              ("readout_init", READOUT_INITS)):
+                              ("readout_init", READOUT_INITS), ("cell", CELLS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
         if self.adjoint_rule == "published" and self.adjoint_solver != "neumann":
@@ -314,7 +315,7 @@ def build_model(config: TrainConfig | dict) -> PathfinderHGRU:
         c["task"], c["channels"], c["kernel_size"], steps=c["steps"], algorithm=c["algorithm"], norm=c["norm"],
         backend=c["backend"], conv=c["conv"], gate_bias_init=c["gate_bias_init"], adjoint_steps=c["adjoint_steps"],
         adjoint_tol=c["adjoint_tol"], adjoint_solver=c["adjoint_solver"], adjoint_rule=c["adjoint_rule"],
-        lcp_target=c["lcp_target"], conv0_bank=c["conv0_bank"], readout_init=c["readout_init"],
+        lcp_target=c["lcp_target"], conv0_bank=c["conv0_bank"], readout_init=c["readout_init"], cell=c["cell"],
     )
 
 
@@ -608,6 +609,8 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
                    help=f"one of {CONV0_BANKS}: conv0's initial bank (kept from the checkpoint on --resume)")
     g.add_argument("--readout-init", default=d.readout_init,
                    help=f"one of {READOUT_INITS} (kept from the checkpoint on --resume)")
+    g.add_argument("--cell", default=d.cell,
+                   help=f"one of {CELLS}: the recurrent cell (convgru / convlstm: crbp_fast.cells, k x k kernels)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=d.out, help="output directory (checkpoint.pt, log.jsonl, config.json)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
