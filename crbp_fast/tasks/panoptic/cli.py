@@ -126,7 +126,7 @@ def run_memory(args: argparse.Namespace) -> int:
     if args.backbone is not None and args.backbone not in BACKBONES:
         raise CLIError(f"--backbone: expected one of {', '.join(BACKBONES)}, got {args.backbone!r}")
     if args.cell_backend != "auto" and args.cell_backend not in BACKEND_NAMES:
-        raise CLIError(f"--cell-backend: expected auto or one of {', '.join(BACKEND_NAMES)}, got {args.cell_backend!r}")
+        raise CLIError(f"--cell-backend: expected one of {', '.join(BACKEND_NAMES)}, got {args.cell_backend!r}")
     changes = {k: v for k, v in (("batch", args.batch), ("backbone", args.backbone), ("fpn_width", args.fpn_width))
                if v is not None}
     if args.size is not None:
@@ -151,8 +151,8 @@ def run_memory(args: argparse.Namespace) -> int:
     try:
         rows = memory.run(preset, device, algorithms, seed=args.seed, cell_backend=args.cell_backend, name=label,
                           emit=emit)
-    except ValueError as err:  # a backend that cannot run here, a model the options make impossible
-        raise CLIError(str(err)) from None
+    except (ValueError, RuntimeError) as err:  # a backend that cannot run here, an impossible model
+        raise CLIError(f"--cell-backend / the preset: {err}") from None
     print(memory.table(rows))
     print(f"\nwrote {len(rows)} rows to {path}" if path is not None else "\n(not written: pass --out DIR to keep the rows)")
     return 0
