@@ -7,7 +7,10 @@
 #                                       #   checks, fp32 bandwidth
 #   bash scripts/gpu_checks.sh full     # <= 6 min: bf16 bandwidth, bench memory (crbp N=1..80,
 #                                       #   bptt N=1..20), bench speed of every backend x conv
-#                                       #   engine, then the whole test suite on the GPU (autotuned)
+#                                       #   engine, bench panoptic --preset coco (2 x 800x1216,
+#                                       #   ResNet-50, width 256; BPTT 1-5, C-RBP 5-20; needs the
+#                                       #   image's torchvision), then the whole test suite on the
+#                                       #   GPU (autotuned) with what is left
 #   CRBP_GPU_DRYRUN=1 OUT=DIR bash scripts/gpu_checks.sh smoke|full   # the same stages on CPU, tiny
 #
 # Send smoke, then full, back to back on one warm machine: full reuses smoke's in-place build.
@@ -18,7 +21,10 @@
 #   build.log     the whole output of the extension build
 #   tests-*.xml   JUnit reports of the pytest stages (smoke: gpu + paper; full: full)
 #   bandwidth.jsonl    Triton pass bandwidth rows (fp32 in smoke, bf16 in full)
-#   records/      full only: the bench records (<device>.jsonl) and their two plots
+#   records/      full only: the bench records (<device>.jsonl) and their two plots; the panoptic
+#                 rows (preset panoptic-coco) are appended to the same <device>.jsonl after the
+#                 plots are drawn (their own file or plot would be a 9th file): commit those rows
+#                 under benchmarks/results/panoptic/, the others under benchmarks/results/
 # Each stage runs under its own `timeout`, clipped to what is left of the mode's budget; a
 # stage that fails does not stop the next ones. A failed CUDA build is logged in full and the
 # run goes on without the native extension (Triton and torch), saying so. Exit 0 when every
@@ -59,6 +65,7 @@ if [ "$DRY" = 1 ]; then
   SPEED_STEPS=(2)
   BW_ARGS=(--shape 1 3 9 7 --kernel-size 3 --repeats 2 --device cpu)
   BF16=float32  # the CPU kernels have no bfloat16 storage: the stage's plumbing runs in float32
+  PANOPTIC=(--preset cpu --size 64 96 --batch 1 --fpn-width 16 --bptt-steps 1 2 --crbp-steps 2 4 --cell-backend torch)
 else
   PY=python3
   SHAPE_BENCH=(--paper --repeats 5 --warmup 2)
@@ -67,7 +74,12 @@ else
   SPEED_STEPS=(6 20)
   BW_ARGS=(--repeats 20)
   BF16=bfloat16
+  PANOPTIC=(--preset coco --device cuda)
 fi
+# The panoptic stage needs torchvision: CRBP_VISION_PY if set; on the GPU image its python3 (which
+# has torchvision); on CPU the vision environment of scripts/setup_vision_env.sh (resolved when
+# the stage runs; CI has set it up by then).
+VPY="${CRBP_VISION_PY:-}"
 # The budget counts from here: the dry run's environment set-up (a reinstall after a source change)
 # is not part of what the GPU machine spends.
 START=$(date +%s)
@@ -155,8 +167,16 @@ pytest_stage() {  # pytest_stage NAME SECONDS XML-SUFFIX PYTEST-ARGS...
 
 bench() { "$PY" -m crbp_fast.cli bench "$@"; }
 
-export -f versions build bench
-export DRY PY OUT
+bench_panoptic() {
+  local vpy=$VPY
+  if [ -z "$vpy" ]; then
+    if [ "$DRY" = 1 ]; then vpy=$(bash scripts/setup_vision_env.sh) || return 1; else vpy=$PY; fi
+  fi
+  "$vpy" -m crbp_fast.cli bench panoptic "$@"
+}
+
+export -f versions build bench bench_panoptic
+export DRY PY VPY OUT
 
 say "gpu_checks.sh $MODE$([ "$DRY" = 1 ] && echo ' (dry run)') -> $OUT, budget ${BUDGET}s, commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '-dirty')"
 stage versions 40 versions
@@ -189,6 +209,9 @@ else
   stage "bench speed" 110 bench speed "${SHAPE_BENCH[@]}" "${ENGINES[@]}" --conv direct fft --algorithms bptt crbp \
     --speed-steps "${SPEED_STEPS[@]}" --compile-timeout 40 --out "$OUT/records"
   stage "bench plot" 15 bench plot --records "$OUT"/records/*.jsonl --out "$OUT/records"
+  # One Triton config per kernel: no autotuning inside the measured iteration (its trial buffers
+  # would count in the CUDA peak, and its compile time at every FPN level's shape is not needed).
+  CRBP_FAST_TRITON_ONE_CONFIG=1 stage "bench panoptic" 60 bench_panoptic "${PANOPTIC[@]}" --out "$OUT/records"
   IGNORE=()
   [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && IGNORE=(--ignore=tests/hgru/test_native_backend.py)
   pytest_stage "test suite" 200 full tests "${IGNORE[@]}" --ignore=tests/hgru/test_paper_shape.py

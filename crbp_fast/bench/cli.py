@@ -5,6 +5,7 @@
     crbp-fast bench memory --steps 1 10 40 --algorithms bptt crbp --backends torch
     crbp-fast bench phases --batch 2 --size 150 --channels 25 --kernel-size 15 --speed-steps 10 \
         --adjoint-steps 10 --algorithms crbp --backends native --conv fft   # phases + roofline
+    crbp-fast bench panoptic --preset cpu  # Panoptic FPN: BPTT 1-5 vs C-RBP 5-20 (torchvision)
     crbp-fast bench plot                   # PNGs + Markdown from benchmarks/results/*.jsonl
 
 Without ``--quick`` or ``--paper`` the preset is ``--paper`` on CUDA and ``--quick`` on CPU;
@@ -54,7 +55,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     """Add ``crbp-fast <name> {memory,speed,all,plot}`` to the top-level CLI."""
     bench = _one_line_errors(subparsers.add_parser(name, help=help_text, description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,phases,all,plot}")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,phases,all,panoptic,plot}")
     helps = {
         "memory": "peak memory of one training iteration as N grows",
         "speed": "time a step, an adjoint VJP and a training iteration",
@@ -65,6 +66,13 @@ def register(subparsers, name: str, help_text: str) -> None:
         parser = _one_line_errors(sub.add_parser(command, help=text, description=text))
         _add_sweep_options(parser, snapshot=command not in ("speed", "phases"))
         parser.set_defaults(func=_run_sweep, suites=SUITES_OF[command], plots=command == "all")
+    from ..tasks.panoptic.cli import add_memory_options  # no torchvision import until it runs
+
+    add_memory_options(_one_line_errors(sub.add_parser(
+        "panoptic", help="the panoptic FPN preset: memory of one iteration, BPTT 1-5 vs C-RBP 5-20 (torchvision)",
+        description="Peak memory (saved for backward; CUDA max allocated) of one Panoptic FPN training iteration "
+                    "with recurrent FPN laterals, BPTT at 1-5 steps against C-RBP at 5-20 (the paper's table). "
+                    "Needs torchvision (scripts/setup_vision_env.sh).")))
     parser = _one_line_errors(sub.add_parser(
         "plot", help="PNG plots and a Markdown table from stored records",
         description="PNG plots (memory vs N, speed bars) and a Markdown table from stored records; the "
@@ -154,6 +162,20 @@ def _writable_dir(option: str, path: Path) -> Path:
     return path
 
 
+def records_file(out: Path, device_name: str) -> Path:
+    """``<out>/<device-slug>.jsonl``, checked before a sweep appends to it: ``out`` writable, and
+    the file, if there, writable and well-formed (rows are appended to it and plotted from it)."""
+    path = records_path(_writable_dir("--out", out), device_name)
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise CLIError(f"--out: the records file {str(path)!r} is not writable")
+        try:
+            read_records(path)
+        except RecordError as err:
+            raise CLIError(f"--out: the records file is malformed: {err}") from None
+    return path
+
+
 def build_sweep(args: argparse.Namespace) -> tuple[Sweep, str, int]:
     """The sweep, preset name and thread count of the parsed options; ``CLIError`` on bad input."""
     try:
@@ -218,14 +240,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     elif args.tf32:
         raise CLIError(f"--tf32: TF32 exists on CUDA devices only, but the device is {sweep.device}")
     env = Environment.capture(sweep.device, preset)
-    path = records_path(out, env.device_name)
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise CLIError(f"--out: the records file {str(path)!r} is not writable")
-        try:  # rows are appended to it and plotted from it: check it before the sweep
-            read_records(path)
-        except RecordError as err:
-            raise CLIError(f"--out: the records file is malformed: {err}") from None
+    path = records_file(out, env.device_name)
     print(f"crbp-fast bench: {env.device_name} ({sweep.device}), {sweep.shape.id}, preset {preset}, "
           f"{threads} thread(s), algorithms {' '.join(sweep.algorithms)}")
     if not sweep.available_engines():
@@ -286,4 +301,4 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_OUT", "build_sweep", "register"]
+__all__ = ["DEFAULT_OUT", "build_sweep", "records_file", "register"]

@@ -87,23 +87,50 @@ def reset_cuda_peak(device: torch.device) -> int | None:
     return torch.cuda.memory_allocated(device)
 
 
-def _saved_and_cuda_peak(
-    cell, x, algorithm: str, steps: int, adjoint_steps: int,
-) -> tuple[int, int | None, int | None, int | None]:
-    """(saved bytes, cuda baseline, cuda peak, adjoint iterations) of one training iteration."""
-    device = x.device
-    cuda = device.type == "cuda"
+#: The forward of one training iteration: returns the loss and a function that, after the
+#: backward, says how many adjoint iterations it ran (None without an adjoint).
+LossFn = Callable[[], tuple[torch.Tensor, Callable[[], int | None]]]
+
+
+def measure_iteration(device: torch.device, loss_fn: LossFn) -> tuple[int, int | None, int | None, int | None]:
+    """(saved bytes, cuda baseline, cuda peak, adjoint iterations) of one training iteration:
+    the forward ``loss_fn()`` under :class:`SavedTensorBytes`, then its backward; the CUDA peak
+    covers both."""
     baseline = reset_cuda_peak(device)
-    cell.zero_grad(set_to_none=True)
     with SavedTensorBytes() as saved:
-        loss, stats = training_loss(cell, x, algorithm, steps, adjoint_steps)
+        loss, adjoint_iterations = loss_fn()
     loss.backward()
     peak = None
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     del loss
-    return saved.total, baseline, peak, stats.adjoint_iterations
+    return saved.total, baseline, peak, adjoint_iterations()
+
+
+def iteration_rows(env: Environment, config: dict, device: torch.device, loss_fn: LossFn) -> list[Record]:
+    """The rows of one configuration: ``saved_for_backward`` (and on CUDA ``cuda_max_allocated``)
+    of :func:`measure_iteration`, or one ``out_of_memory`` / ``unavailable`` row saying why not.
+    ``config``: the rows' fields (suite, measure, algorithm, backend, conv, steps, shape, ...)."""
+    cuda = device.type == "cuda"
+    try:
+        saved, baseline, peak, iters = measure_iteration(device, loss_fn)
+    except Exception as err:
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+        status = "out_of_memory" if is_out_of_memory(err) else "unavailable"
+        note = f"{type(err).__name__}: {err}".splitlines()[0]
+        _note(config, status, note)
+        return [env.record(**{**config, "status": status, "note": note})]
+    rows = [env.record(**config, status="ok", peak_kind="saved_for_backward", peak_bytes=saved,
+                       adjoint_iterations=iters)]
+    if cuda:
+        rows.append(env.record(**config, status="ok", peak_kind="cuda_max_allocated", peak_bytes=peak,
+                               baseline_bytes=baseline, adjoint_iterations=iters))
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
 
 
 def run_memory(
@@ -129,7 +156,7 @@ def run_memory(
         torch.cuda.memory._record_memory_history(max_entries=200_000, device=device)
     try:
         for config in tqdm(configs, desc="memory", unit="cfg"):
-            rows.append(_measure_in_process(sweep, env, config, cuda))
+            rows.append(_measure_in_process(sweep, env, config))
             emit(rows[-1])
         if snapshot is not None:
             torch.cuda.memory._dump_snapshot(str(snapshot))
@@ -151,33 +178,21 @@ def _note(config: dict, status: str, note: str) -> None:
     tqdm.write(f"note: {where}: {status}: {note}")
 
 
-def _measure_in_process(sweep: Sweep, env: Environment, config: dict, cuda: bool) -> list[Record]:
+def _measure_in_process(sweep: Sweep, env: Environment, config: dict) -> list[Record]:
     """The saved-for-backward row (and on CUDA the max-allocated row) of one configuration."""
     device = sweep.device
     cell = make_cell(sweep.shape, config["backend"], config["conv"], device, sweep.seed)
     x = make_inputs(sweep.shape, device, sweep.seed)
+
+    def loss_fn():
+        cell.zero_grad(set_to_none=True)
+        loss, stats = training_loss(cell, x, config["algorithm"], config["steps"], sweep.adjoint_steps)
+        return loss, lambda: stats.adjoint_iterations
+
     try:
-        saved, baseline, peak, iters = _saved_and_cuda_peak(
-            cell, x, config["algorithm"], config["steps"], sweep.adjoint_steps,
-        )
-    except Exception as err:
-        del cell, x
-        if cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-        status = "out_of_memory" if is_out_of_memory(err) else "unavailable"
-        note = f"{type(err).__name__}: {err}".splitlines()[0]
-        _note(config, status, note)
-        return [env.record(**config, status=status, note=note)]
-    del cell, x
-    rows = [env.record(**config, status="ok", peak_kind="saved_for_backward", peak_bytes=saved,
-                       adjoint_iterations=iters)]
-    if cuda:
-        rows.append(env.record(**config, status="ok", peak_kind="cuda_max_allocated", peak_bytes=peak,
-                               baseline_bytes=baseline, adjoint_iterations=iters))
-        gc.collect()
-        torch.cuda.empty_cache()
-    return rows
+        return iteration_rows(env, config, device, loss_fn)
+    finally:
+        del cell, x, loss_fn
 
 
 def _rss_row(sweep: Sweep, env: Environment, config: dict) -> Record:
@@ -198,4 +213,4 @@ def _rss_row(sweep: Sweep, env: Environment, config: dict) -> Record:
     return env.record(**config, status=status, note=note)
 
 
-__all__ = ["SavedTensorBytes", "reset_cuda_peak", "rss_child", "run_memory"]
+__all__ = ["LossFn", "SavedTensorBytes", "iteration_rows", "measure_iteration", "reset_cuda_peak", "rss_child", "run_memory"]

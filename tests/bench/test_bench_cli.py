@@ -147,3 +147,12 @@ def test_python_m_cli_errors_are_one_line_too(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == ["crbp-fast bench: error: --batch: expected a number >= 1, got 0"]
+
+
+def test_panoptic_preset_without_torchvision_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    # The core environment has no torchvision; set it missing in any environment.
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    assert main(["bench", "panoptic", "--preset", "cpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "crbp-fast bench: error: the panoptic memory preset needs torchvision; torchvision does not import" in err
+    assert "scripts/setup_vision_env.sh" in err and not list(tmp_path.iterdir())

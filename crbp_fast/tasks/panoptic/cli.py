@@ -3,7 +3,7 @@
     crbp-fast panoptic generate --out data/synthetic_panoptic      # 200 train + 50 val images, 64 x 64
     crbp-fast panoptic train --data data/synthetic_panoptic --algorithm crbp --steps 5 --iterations 300
     crbp-fast panoptic eval --checkpoint runs/panoptic/checkpoint.pt --steps 20
-    crbp-fast panoptic memory --preset cpu                         # BPTT 1-5 vs C-RBP 5-20, one iteration
+    crbp-fast panoptic memory --preset cpu      # = crbp-fast bench panoptic: BPTT 1-5 vs C-RBP 5-20
 
 These need torchvision, torchmetrics and pycocotools (``bash scripts/setup_vision_env.sh``); this
 module imports them only when a subcommand runs, so ``crbp-fast --help`` works without them.
@@ -19,18 +19,20 @@ import sys
 from pathlib import Path
 
 
-def _need_vision() -> None:
+def _need_vision(modules: tuple[str, ...] = ("torchvision", "torchmetrics", "pycocotools"),
+                 what: str = "the panoptic task") -> None:
+    import importlib
+
     from ...cli import CLIError
 
-    try:
-        import pycocotools  # noqa: F401
-        import torchmetrics  # noqa: F401
-        import torchvision  # noqa: F401
-    except Exception as err:  # ImportError, or torchvision's RuntimeError beside a CPU-only torch
-        raise CLIError(
-            f"the panoptic task needs torchvision, torchmetrics and pycocotools, which do not import here "
-            f"({type(err).__name__}: {err}); run `bash scripts/setup_vision_env.sh` and use the python it prints"
-        ) from None
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # ImportError, or torchvision's RuntimeError beside a CPU-only torch
+            raise CLIError(
+                f"{what} needs {', '.join(modules)}; {name} does not import here ({type(err).__name__}: "
+                f"{err}); run `bash scripts/setup_vision_env.sh` and use the python it prints"
+            ) from None
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -62,14 +64,98 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     e.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     e.set_defaults(func=_eval)
 
-    m = sub.add_parser("memory", help="saved-for-backward (and CUDA peak) bytes of one iteration: BPTT vs C-RBP")
-    m.add_argument("--preset", default=None, help="cpu (2 x 256x384, ResNet-18) or coco (2 x 800x1216, ResNet-50); "
-                                                  "default: coco on CUDA, cpu otherwise")
-    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    m.add_argument("--threads", type=int, default=None)
-    m.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "panoptic",
-                   help="records directory (<device-slug>.jsonl)")
-    m.set_defaults(func=_memory)
+    m = sub.add_parser("memory", help="the same as `crbp-fast bench panoptic`: memory of one iteration, BPTT vs "
+                                      "C-RBP")
+    add_memory_options(m)
+
+
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    """The options of the panoptic memory sweep (``crbp-fast bench panoptic``, ``crbp-fast panoptic memory``)."""
+    from .config import BACKBONES, MEMORY_PRESETS
+
+    presets = "; ".join(f"{k}: {v.batch} x {v.height}x{v.width}, {v.backbone}, FPN width {v.fpn_width}"
+                        for k, v in MEMORY_PRESETS.items())
+    add = p.add_argument
+    add("--preset", default=None, help=f"{presets} (default: coco on CUDA, cpu otherwise)")
+    add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    add("--threads", type=int, default=None, metavar="T", help="torch.set_num_threads")
+    add("--bptt-steps", type=int, nargs="*", default=None, metavar="N", help="BPTT's N (default: 1 2 3 4 5)")
+    add("--crbp-steps", type=int, nargs="*", default=None, metavar="N", help="C-RBP's N (default: 5 10 20)")
+    add("--batch", type=int, default=None, metavar="B", help="images per iteration (default: the preset's)")
+    add("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="image size (default: the preset's)")
+    add("--backbone", default=None, help=f"any of {' '.join(BACKBONES)} (default: the preset's)")
+    add("--fpn-width", type=int, default=None, metavar="C", help="FPN width (default: the preset's)")
+    add("--cell-backend", default="auto", help="hGRU backend of the recurrent laterals: auto, torch, triton, native")
+    add("--seed", type=int, default=0)
+    add("--out", type=Path, default=None, metavar="DIR",
+        help="append the rows to DIR/<device-slug>.jsonl (benchmarks/results/panoptic is where the committed "
+             "rows live; default: print the table only)")
+    p.set_defaults(func=run_memory)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    """``crbp-fast bench panoptic`` / ``crbp-fast panoptic memory``: the sweep, its table, and the rows on request."""
+    _need_vision(("torchvision",), "the panoptic memory preset")
+    import torch
+
+    from ...bench.cli import records_file
+    from ...bench.records import append_records
+    from ...bench.setups import resolve_device
+    from ...cli import CLIError
+    from ...hgru.backends import BACKEND_NAMES
+    from . import memory
+    from .config import BACKBONES
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise CLIError(f"--{err}") from None
+    name = args.preset or ("coco" if device.type == "cuda" else "cpu")
+    if name not in memory.PRESETS:
+        raise CLIError(f"--preset: expected one of {', '.join(memory.PRESETS)}, got {name!r}")
+    preset = memory.PRESETS[name]
+    for option, values in (("--bptt-steps", args.bptt_steps), ("--crbp-steps", args.crbp_steps)):
+        bad = [v for v in values or [] if v < 1]
+        if bad:
+            raise CLIError(f"{option}: expected N >= 1, got {bad[0]}")
+    for option, value in (("--batch", args.batch), ("--fpn-width", args.fpn_width), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise CLIError(f"{option}: expected a number >= 1, got {value}")
+    if args.size is not None and min(args.size) < 32:
+        raise CLIError(f"--size: expected H and W >= 32 (the backbone's stride), got {args.size[0]} {args.size[1]}")
+    if args.backbone is not None and args.backbone not in BACKBONES:
+        raise CLIError(f"--backbone: expected one of {', '.join(BACKBONES)}, got {args.backbone!r}")
+    if args.cell_backend != "auto" and args.cell_backend not in BACKEND_NAMES:
+        raise CLIError(f"--cell-backend: expected one of {', '.join(BACKEND_NAMES)}, got {args.cell_backend!r}")
+    changes = {k: v for k, v in (("batch", args.batch), ("backbone", args.backbone), ("fpn_width", args.fpn_width))
+               if v is not None}
+    if args.size is not None:
+        changes.update(height=args.size[0], width=args.size[1])
+    preset = dataclasses.replace(preset, **changes)
+    algorithms = {"bptt": tuple(args.bptt_steps) if args.bptt_steps is not None else preset.bptt_steps,
+                  "crbp": tuple(args.crbp_steps) if args.crbp_steps is not None else preset.crbp_steps}
+    algorithms = {a: tuple(sorted(set(ns))) for a, ns in algorithms.items() if ns}
+    if not algorithms:
+        raise CLIError("--bptt-steps / --crbp-steps: both are empty; nothing to measure")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    label = name if not changes else f"{name}-custom"
+    path = None
+    if args.out is not None:
+        from ...bench.records import device_name
+
+        path = records_file(args.out, device_name(device))
+    print(f"crbp-fast bench panoptic: preset {label} ({preset.batch} x {preset.height}x{preset.width}, "
+          f"{preset.backbone}, FPN width {preset.fpn_width}) on {device}, {torch.get_num_threads()} thread(s)")
+    emit = (lambda rows: append_records(path, rows)) if path is not None else None
+    try:
+        rows = memory.run(preset, device, algorithms, seed=args.seed, cell_backend=args.cell_backend, name=label,
+                          emit=emit)
+    except (ValueError, RuntimeError) as err:  # a backend that cannot run here, an impossible model
+        raise CLIError(f"--cell-backend / the preset: {err}") from None
+    print(memory.table(rows))
+    print(f"\nwrote {len(rows)} rows to {path}" if path is not None else "\n(not written: pass --out DIR to keep the rows)")
+    return 0
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -172,28 +258,4 @@ def _eval(args: argparse.Namespace) -> int:
     print(json.dumps(metrics))
     if args.json is not None:
         args.json.write_text(json.dumps(metrics, indent=1) + "\n")
-    return 0
-
-
-def _memory(args: argparse.Namespace) -> int:
-    _need_vision()
-    import torch
-
-    from ...bench.setups import resolve_device
-    from ...cli import CLIError
-    from . import memory
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        raise CLIError(f"--{err}") from None
-    preset = args.preset or ("coco" if device.type == "cuda" else "cpu")
-    if preset not in memory.PRESETS:
-        raise CLIError(f"--preset: expected one of {tuple(memory.PRESETS)}, got {preset!r}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    rows = memory.run(preset, device)
-    path = memory.write(rows, args.out)
-    print(memory.table(rows))
-    print(f"\nwrote {len(rows)} rows to {path}")
     return 0

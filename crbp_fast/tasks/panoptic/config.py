@@ -18,6 +18,31 @@ MODEL_FIELDS = ("backbone", "trainable_layers", "fpn", "fpn_width", "semantic_wi
                 "adjoint_steps", "lcp_target", "cell_backend", "min_size", "max_size", "anchor_sizes")
 
 
+@dataclass(frozen=True)
+class MemoryPreset:
+    """A size of the memory sweep (``crbp-fast bench panoptic --preset NAME``): one training
+    iteration on ``batch`` random images of ``height`` x ``width``, BPTT at ``bptt_steps`` and
+    C-RBP at ``crbp_steps`` (``adjoint_steps`` Neumann products, as published)."""
+
+    batch: int
+    height: int
+    width: int
+    backbone: str
+    fpn_width: int
+    semantic_width: int
+    anchor_sizes: tuple[int, ...]
+    bptt_steps: tuple[int, ...] = (1, 2, 3, 4, 5)
+    crbp_steps: tuple[int, ...] = (5, 10, 20)
+    adjoint_steps: int = 15
+
+
+#: ``coco``: COCO's training size (2 images of 800 x 1216, ResNet-50, FPN width 256; a GPU);
+#: ``cpu``: the stated smaller CPU size (2 images of 256 x 384, ResNet-18, FPN width 64).
+MEMORY_PRESETS = {
+    "coco": MemoryPreset(2, 800, 1216, "resnet50", 256, 128, (32, 64, 128, 256, 512)),
+    "cpu": MemoryPreset(2, 256, 384, "resnet18", 64, 64, (16, 32, 64, 128, 256)),
+}
+
 
 @dataclass
 class PanopticTrainConfig:
@@ -90,4 +115,5 @@ class PanopticTrainConfig:
                               anchor_sizes=tuple(self.anchor_sizes))
 
 
-__all__ = ["BACKBONES", "FPN_KINDS", "MODEL_FIELDS", "RESUMABLE_CHANGES", "PanopticTrainConfig"]
+__all__ = ["BACKBONES", "FPN_KINDS", "MEMORY_PRESETS", "MODEL_FIELDS", "RESUMABLE_CHANGES", "MemoryPreset",
+           "PanopticTrainConfig"]

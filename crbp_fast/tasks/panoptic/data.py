@@ -13,6 +13,12 @@ name, isthing, color}]. For real COCO 2017 panoptic, unpack ``train2017/``, ``va
 ``annotations/panoptic_{train,val}2017.json`` with their PNG folders under one root and pass
 ``split="val2017"`` (nothing is downloaded here).
 
+Reading: :class:`CocoPanoptic` is a ``torchvision.datasets.VisionDataset`` whose index is a
+``pycocotools.coco.COCO`` (one annotation per segment); segment ids come from the PNGs with
+:func:`rgb_to_id` (panopticapi's ``rgb2id``); :meth:`CocoPanoptic.instances` converts the thing
+segments to a COCO instance index with RLE masks (``pycocotools.mask``), as panopticapi's
+``panoptic2detection_coco_format`` does, for ``COCOeval``.
+
 Label conventions of :class:`CocoPanoptic` (as in Panoptic FPN): thing categories become Mask R-CNN
 labels 1..T (0 is background); the semantic target has 0 for "a thing", 1..S for the stuff
 categories and ``IGNORE`` for unlabeled and crowd pixels; the panoptic target is (category_id,
@@ -21,16 +27,19 @@ instance id) per pixel with category ``VOID`` (0; COCO ids start at 1) where unl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torchvision.datasets import VisionDataset
 from torchvision.ops import masks_to_boxes
 
 IGNORE = 255
@@ -165,13 +174,22 @@ def write_synthetic(root: str | Path, split: str, n: int, size: int = 64, seed: 
 # --- the reader -----------------------------------------------------------------------------------
 
 
-class CocoPanoptic(Dataset):
+class CocoPanoptic(VisionDataset):
     """A COCO-panoptic split as ``(image, target)`` for :class:`~crbp_fast.tasks.panoptic.model.PanopticFPN`.
+
+    A :class:`torchvision.datasets.VisionDataset` (``transforms(image, target)`` as in
+    ``torchvision.datasets.CocoDetection``) whose annotation index is a ``pycocotools.coco.COCO``
+    (``self.coco``): its images and categories as in the file, and one COCO annotation per
+    segment of ``segments_info`` (``id`` unique in the split, ``segment_id`` the id in the PNG,
+    ``category_id``, ``bbox``, ``area``, ``iscrowd``), so ``coco.getAnnIds(imgIds=..., catIds=...,
+    iscrowd=...)``, ``coco.catToImgs`` and the rest work on it. :meth:`instances` gives the thing
+    segments as a COCO *instance* index with RLE masks (for ``COCOeval`` of the detector).
 
     Args:
         root: the dataset root (see the module docstring for the layout).
         split: the split name (``"train"``, ``"val"``, ``"val2017"``, ...).
-        limit: read only the first ``limit`` images (None: all).
+        limit: read only the first ``limit`` images by id (None: all).
+        transforms: optional ``(image, target) -> (image, target)``, applied last.
 
     Each item: ``image`` float (3, H, W) in [0, 1]; ``target`` with ``boxes`` (N, 4) xyxy,
     ``labels`` (N,) in 1..T, ``masks`` (N, H, W) uint8 for the non-crowd thing segments,
@@ -179,7 +197,9 @@ class CocoPanoptic(Dataset):
     (category id, segment id; ``VOID`` category where unlabeled or crowd) and ``image_id``.
     """
 
-    def __init__(self, root: str | Path, split: str, limit: int | None = None):
+    def __init__(self, root: str | Path, split: str, limit: int | None = None,
+                 transforms: Callable[[Tensor, dict], tuple[Tensor, dict]] | None = None):
+        super().__init__(str(root), transforms=transforms)
         self.paths = PanopticPaths.of(root, split)
         if not self.paths.annotations.is_file():
             raise PanopticDataError(
@@ -187,25 +207,31 @@ class CocoPanoptic(Dataset):
                 f"<root>/annotations/panoptic_<split>.json; write a synthetic one with "
                 f"`crbp-fast panoptic generate`)"
             )
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit: expected an int >= 1 or None, got {limit!r}")
+        raw = self.paths.annotations.read_bytes()
         try:
-            raw = self.paths.annotations.read_bytes()
             doc = json.loads(raw)
-            categories = sorted(doc["categories"], key=lambda c: c["id"])
-            by_image = {a["image_id"]: a for a in doc["annotations"]}
-            self.images = [(im, by_image[im["id"]]) for im in sorted(doc["images"], key=lambda im: im["id"])]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            self.coco, self._png = _segment_index(doc)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise PanopticDataError(f"{self.paths.annotations}: not a COCO panoptic annotation file ({err!r})") from None
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-                raise ValueError(f"limit: expected an int >= 1 or None, got {limit!r}")
-            self.images = self.images[:limit]
-        if not self.images:
+        missing = [i for i in self.coco.imgs if i not in self._png]
+        if missing:
+            raise PanopticDataError(f"{self.paths.annotations}: image {missing[0]} "
+                                    f"({self.coco.imgs[missing[0]]['file_name']}) has no entry in 'annotations'")
+        unknown = [a for a in self.coco.anns.values() if a["category_id"] not in self.coco.cats]
+        if unknown:
+            raise PanopticDataError(f"{self.paths.annotations}: image {unknown[0]['image_id']}: segment "
+                                    f"{unknown[0]['segment_id']} has category_id {unknown[0]['category_id']}, "
+                                    f"which is not in 'categories'")
+        self.ids = sorted(self.coco.imgs)[:limit]
+        if not self.ids:
             raise PanopticDataError(f"{self.paths.annotations}: no images")
         self.split, self.limit = split, limit
         self.annotations_sha256 = hashlib.sha256(raw).hexdigest()
-        self.categories = categories
-        self.things = [c["id"] for c in categories if c["isthing"]]
-        self.stuffs = [c["id"] for c in categories if not c["isthing"]]
+        self.categories = [self.coco.cats[c] for c in sorted(self.coco.cats)]
+        self.things = [c["id"] for c in self.categories if c["isthing"]]
+        self.stuffs = [c["id"] for c in self.categories if not c["isthing"]]
         self.thing_label = {cid: i + 1 for i, cid in enumerate(self.things)}
         self.stuff_label = {cid: i + 1 for i, cid in enumerate(self.stuffs)}
 
@@ -213,7 +239,7 @@ class CocoPanoptic(Dataset):
         """What this split is, recorded in checkpoints and compared on resume: the split, the
         number of images and the SHA-256 of the annotation file (image files are not hashed: the
         segment ids and file names of every image are in the annotations)."""
-        return {"source": "coco-panoptic", "split": self.split, "n": len(self.images), "limit": self.limit,
+        return {"source": "coco-panoptic", "split": self.split, "n": len(self.ids), "limit": self.limit,
                 "annotations_sha256": self.annotations_sha256}
 
     @property
@@ -225,44 +251,107 @@ class CocoPanoptic(Dataset):
         return len(self.stuffs)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.ids)
+
+    def _file(self, path: Path, image_id: int) -> Path:
+        if not path.is_file():
+            raise PanopticDataError(f"{self.paths.annotations}: image {image_id} names {path}, which is missing")
+        return path
+
+    def segment_ids(self, image_id: int) -> np.ndarray:
+        """The (H, W) int64 segment ids of an image, from its PNG (0 = unlabeled)."""
+        path = self._file(self.paths.segments / self._png[image_id], image_id)
+        ids = rgb_to_id(np.asarray(Image.open(path).convert("RGB")))
+        meta = self.coco.imgs[image_id]
+        if ids.shape != (meta["height"], meta["width"]):
+            raise PanopticDataError(f"{path}: shape {ids.shape} differs from the image's {meta['height']} x "
+                                    f"{meta['width']} in {self.paths.annotations.name}")
+        return ids
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
-        meta, ann = self.images[index]
-        image_path = self.paths.images / meta["file_name"]
-        seg_path = self.paths.segments / ann["file_name"]
-        for path in (image_path, seg_path):
-            if not path.is_file():
-                raise PanopticDataError(f"{self.paths.annotations}: image {meta['id']} names {path}, which is missing")
+        image_id = self.ids[index]
+        meta = self.coco.imgs[image_id]
+        image_path = self._file(self.paths.images / meta["file_name"], image_id)
         image = torch.from_numpy(np.array(Image.open(image_path).convert("RGB"))).permute(2, 0, 1).float() / 255
-        ids = torch.from_numpy(rgb_to_id(np.asarray(Image.open(seg_path).convert("RGB"))))
+        ids = torch.from_numpy(self.segment_ids(image_id))
         if ids.shape != image.shape[1:]:
-            raise PanopticDataError(f"{seg_path}: shape {tuple(ids.shape)} differs from its image's {tuple(image.shape[1:])}")
+            raise PanopticDataError(f"{image_path}: shape {tuple(image.shape[1:])} differs from its "
+                                    f"segments' {tuple(ids.shape)}")
         semantic = torch.full(ids.shape, IGNORE, dtype=torch.int64)
         panoptic = torch.zeros(*ids.shape, 2, dtype=torch.int64)  # VOID category, segment 0
         masks, labels = [], []
-        for seg in ann["segments_info"]:
-            mask = ids == seg["id"]
+        for seg in self.coco.imgToAnns[image_id]:
+            mask = ids == seg["segment_id"]
             cat = seg["category_id"]
-            if seg.get("iscrowd", 0) or not mask.any():
+            if seg["iscrowd"] or not mask.any():
                 continue  # crowd regions stay void / ignored, as in Panoptic FPN training
-            panoptic[mask] = torch.tensor([cat, seg["id"]])
+            panoptic[mask] = torch.tensor([cat, seg["segment_id"]])
             if cat in self.thing_label:
                 semantic[mask] = 0
                 masks.append(mask)
                 labels.append(self.thing_label[cat])
-            elif cat in self.stuff_label:
-                semantic[mask] = self.stuff_label[cat]
             else:
-                raise PanopticDataError(f"{self.paths.annotations}: image {meta['id']}: unknown category_id {cat}")
+                semantic[mask] = self.stuff_label[cat]
         h, w = ids.shape
         masks_t = torch.stack(masks).to(torch.uint8) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
         boxes = masks_to_boxes(masks_t) if masks else torch.zeros(0, 4)
         # masks_to_boxes gives inclusive pixel coordinates; a one-pixel-wide box would be empty.
         boxes[:, 2:] += 1
         target = {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "masks": masks_t,
-                  "semantic": semantic, "panoptic": panoptic, "image_id": int(meta["id"])}
+                  "semantic": semantic, "panoptic": panoptic, "image_id": int(image_id)}
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
         return image, target
+
+    def instances(self):
+        """The thing segments of these images as a ``pycocotools.coco.COCO`` instance index.
+
+        One annotation per thing segment (crowd ones with ``iscrowd`` 1), its mask as RLE
+        (``pycocotools.mask.encode`` of the PNG's segment), ``area`` and ``bbox`` from that RLE,
+        ``id`` / ``category_id`` as in :attr:`coco`; the thing categories only. This is what
+        panopticapi's ``panoptic2detection_coco_format`` converter writes, so ``COCOeval`` (bbox
+        or segm) scores the detector's instances against it. Reads every image's PNG.
+        """
+        from pycocotools import mask as mask_utils
+
+        annotations = []
+        for image_id in self.ids:
+            ids = self.segment_ids(image_id)
+            for seg in self.coco.imgToAnns[image_id]:
+                if seg["category_id"] not in self.thing_label:
+                    continue
+                rle = mask_utils.encode(np.asfortranarray(ids == seg["segment_id"], dtype=np.uint8))
+                annotations.append({
+                    "id": seg["id"], "image_id": image_id, "category_id": seg["category_id"],
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
+                    "iscrowd": int(seg["iscrowd"]),
+                })
+        return _coco({"images": [self.coco.imgs[i] for i in self.ids], "annotations": annotations,
+                      "categories": [c for c in self.categories if c["isthing"]]})
+
+
+def _coco(dataset: dict):
+    """A ``pycocotools.coco.COCO`` over an in-memory dataset dict (its index messages silenced)."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _segment_index(doc: dict):
+    """The COCO index of a panoptic file (one annotation per segment) and each image's PNG name."""
+    annotations, png = [], {}
+    for entry in doc["annotations"]:
+        png[entry["image_id"]] = entry["file_name"]
+        for seg in entry["segments_info"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": entry["image_id"], "segment_id": seg["id"],
+                                "category_id": seg["category_id"], "bbox": seg.get("bbox"),
+                                "area": seg.get("area"), "iscrowd": int(seg.get("iscrowd", 0))})
+    return _coco({"images": doc["images"], "annotations": annotations, "categories": doc["categories"]}), png
 
 
 def collate(batch: list) -> tuple[list[Tensor], list[dict]]:

@@ -1,52 +1,37 @@
 """Memory of one Panoptic FPN training iteration as N grows: BPTT against C-RBP (the paper's table).
 
-One iteration = the forward of :class:`~crbp_fast.tasks.panoptic.model.PanopticFPN` (Mask R-CNN losses +
-semantic loss + the FPN's LCP penalty) and its backward, on random images with a few boxes,
-masks and stuff labels. Measured as the benchmark suite measures the hGRU
-(:mod:`crbp_fast.bench.memory`): ``saved_for_backward`` bytes on every device (exact: what autograd
-keeps), and ``cuda_max_allocated`` on CUDA (the paper's "peak memory per GPU"). Rows are
-:class:`crbp_fast.bench.records.Record` rows with ``channels`` = the FPN width, ``kernel_size`` =
-3 (the cell's kernels) and the model in ``note``; they go to ``benchmarks/results/panoptic/``, apart
-from the hGRU rows that ``crbp-fast bench plot`` draws.
+The benchmark suite's ``panoptic`` preset (``crbp-fast bench panoptic --preset cpu|coco``; also
+``crbp-fast panoptic memory``). One iteration = the forward of
+:class:`~crbp_fast.tasks.panoptic.model.PanopticFPN` (Mask R-CNN losses + semantic loss + the FPN's
+LCP penalty) and its backward, on random images with a few boxes, masks and stuff labels,
+measured by the suite's own :func:`crbp_fast.bench.memory.measure_iteration`: ``saved_for_backward``
+bytes on every device (exact: what autograd keeps) and ``cuda_max_allocated`` on CUDA (the paper's
+"peak memory per GPU"). Rows are :class:`crbp_fast.bench.records.Record` rows with ``channels`` =
+the FPN width, ``kernel_size`` = 3 (the cell's kernels) and the model in ``note``; they go to
+``benchmarks/results/panoptic/`` on request, apart from the hGRU rows that ``crbp-fast bench
+plot`` draws.
 
-Presets: ``coco`` (2 images of 800 x 1216, ResNet-50, FPN width 256: COCO's training size; a GPU)
-and ``cpu`` (2 images of 256 x 384, ResNet-18, FPN width 64: the stated smaller CPU size).
+Presets (:data:`~crbp_fast.tasks.panoptic.config.MEMORY_PRESETS`): ``coco`` (2 images of 800 x
+1216, ResNet-50, FPN width 256: COCO's training size; a GPU) and ``cpu`` (2 images of 256 x 384,
+ResNet-18, FPN width 64: the stated smaller CPU size).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from ...bench.memory import SavedTensorBytes, reset_cuda_peak
-from ...bench.records import Environment, Record, append_records, records_path
+from ...bench.memory import LossFn, iteration_rows, measure_iteration
+from ...bench.records import Environment, Record
 from ...hgru.backends import resolve_backend
+from .config import MEMORY_PRESETS as PRESETS
+from .config import MemoryPreset
 from .model import PanopticConfig, PanopticFPN
 
 DEFAULT_OUT = Path("benchmarks") / "results" / "panoptic"
 NUM_THINGS, NUM_STUFF = 3, 2
-
-
-@dataclass(frozen=True)
-class MemoryPreset:
-    batch: int
-    height: int
-    width: int
-    backbone: str
-    fpn_width: int
-    semantic_width: int
-    anchor_sizes: tuple[int, ...]
-    bptt_steps: tuple[int, ...] = (1, 2, 3, 4, 5)
-    crbp_steps: tuple[int, ...] = (5, 10, 20)
-    adjoint_steps: int = 15
-
-
-PRESETS = {
-    "coco": MemoryPreset(2, 800, 1216, "resnet50", 256, 128, (32, 64, 128, 256, 512)),
-    "cpu": MemoryPreset(2, 256, 384, "resnet18", 64, 64, (16, 32, 64, 128, 256)),
-}
 
 
 def _inputs(preset: MemoryPreset, device: torch.device, seed: int) -> tuple[list, list]:
@@ -74,9 +59,10 @@ def _inputs(preset: MemoryPreset, device: torch.device, seed: int) -> tuple[list
     return images, targets
 
 
-def measure(preset: MemoryPreset, algorithm: str, steps: int, device: torch.device, seed: int = 0,
-            cell_backend: str = "auto", lcp_weight: float = 1.0) -> dict:
-    """Saved-for-backward bytes (and the CUDA peak) of one training iteration."""
+def iteration(preset: MemoryPreset, algorithm: str, steps: int, device: torch.device, seed: int = 0,
+              cell_backend: str = "auto", lcp_weight: float = 1.0) -> LossFn:
+    """The model and inputs of one configuration, as the forward of one training iteration
+    (a :data:`crbp_fast.bench.memory.LossFn` for :func:`~crbp_fast.bench.memory.measure_iteration`)."""
     torch.manual_seed(seed)
     config = PanopticConfig(
         num_things=NUM_THINGS, num_stuff=NUM_STUFF, backbone=preset.backbone, fpn_width=preset.fpn_width,
@@ -86,71 +72,76 @@ def measure(preset: MemoryPreset, algorithm: str, steps: int, device: torch.devi
     model = PanopticFPN(config, list(range(1, NUM_THINGS + 1)), list(range(NUM_THINGS + 1, NUM_THINGS + 1 + NUM_STUFF)))
     model.to(device).train()
     images, targets = _inputs(preset, device, seed)
-    cuda = device.type == "cuda"
-    baseline = reset_cuda_peak(device)
-    torch.manual_seed(seed)  # the same RPN / ROI sampling in every configuration
-    with SavedTensorBytes() as saved:
+
+    def adjoint_iterations() -> int | None:
+        done = [s.adjoint_iterations for s in model.fpn.level_stats if s.adjoint_iterations is not None]
+        return max(done, default=None)
+
+    def forward():
+        torch.manual_seed(seed)  # the same RPN / ROI sampling in every configuration
         out = model(images, targets)
         loss = sum(out.losses.values())
         if out.penalty is not None:
             loss = loss + lcp_weight * out.penalty
-    loss.backward()
-    peak = None
-    if cuda:
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    stats = model.fpn.level_stats
-    iterations = max((s.adjoint_iterations for s in stats if s.adjoint_iterations is not None), default=None)
-    return {"saved": saved.total, "baseline": baseline, "peak": peak, "adjoint_iterations": iterations,
-            "backend": resolve_backend(cell_backend, device).name}
+        return loss, adjoint_iterations
+
+    return forward
 
 
-def run(preset_name: str, device: torch.device, algorithms: dict[str, tuple[int, ...]] | None = None,
-        seed: int = 0, progress: bool = True) -> list[Record]:
-    """The preset's rows (BPTT at its steps, C-RBP at its steps, unless ``algorithms`` says otherwise)."""
-    if preset_name not in PRESETS:
-        raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset_name!r}")
-    preset = PRESETS[preset_name]
+def measure(preset: MemoryPreset, algorithm: str, steps: int, device: torch.device, seed: int = 0,
+            cell_backend: str = "auto", lcp_weight: float = 1.0) -> dict:
+    """Saved-for-backward bytes (and the CUDA baseline and peak) of one training iteration."""
+    saved, baseline, peak, iterations = measure_iteration(
+        device, iteration(preset, algorithm, steps, device, seed, cell_backend, lcp_weight))
+    return {"saved": saved, "baseline": baseline, "peak": peak, "adjoint_iterations": iterations}
+
+
+def run(preset: MemoryPreset | str, device: torch.device, algorithms: dict[str, tuple[int, ...]] | None = None,
+        seed: int = 0, progress: bool = True, cell_backend: str = "auto", name: str | None = None,
+        emit: Callable[[list[Record]], None] | None = None) -> list[Record]:
+    """The preset's rows (BPTT at its steps, C-RBP at its steps, unless ``algorithms`` says
+    otherwise); each configuration's rows go to ``emit`` as soon as they are measured.
+    ``preset``: a name of :data:`PRESETS` or a :class:`MemoryPreset` (then ``name`` names it)."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
+        preset, name = PRESETS[preset], name or preset
     algorithms = algorithms or {"bptt": preset.bptt_steps, "crbp": preset.crbp_steps}
-    env = Environment.capture(device, f"panoptic-{preset_name}")
+    env = Environment.capture(device, f"panoptic-{name or 'custom'}")
+    backend = resolve_backend(cell_backend, device).name
     note = (f"panoptic FPN {preset.backbone}, FPN width {preset.fpn_width}, ConvHGRU laterals, one training "
             f"iteration (Mask R-CNN + semantic losses + LCP)")
-    rows = []
+    rows: list[Record] = []
     from tqdm import tqdm
 
     configs = [(a, n) for a, ns in algorithms.items() for n in ns]
     for algorithm, steps in tqdm(configs, desc="panoptic memory", unit="cfg", disable=not progress):
-        m = measure(preset, algorithm, steps, device, seed)
-        common = dict(suite="memory", measure="train_iteration", status="ok", note=note, algorithm=algorithm,
-                      backend=m["backend"], conv="direct", steps=steps, adjoint_steps=preset.adjoint_steps,
-                      batch=preset.batch, channels=preset.fpn_width, height=preset.height, width=preset.width,
-                      kernel_size=3, adjoint_iterations=m["adjoint_iterations"])
-        rows.append(env.record(**common, peak_kind="saved_for_backward", peak_bytes=m["saved"]))
-        if m["peak"] is not None:
-            rows.append(env.record(**common, peak_kind="cuda_max_allocated", peak_bytes=m["peak"],
-                                   baseline_bytes=m["baseline"]))
+        config = dict(suite="memory", measure="train_iteration", note=note, algorithm=algorithm, backend=backend,
+                      conv="direct", steps=steps, adjoint_steps=preset.adjoint_steps, batch=preset.batch,
+                      channels=preset.fpn_width, height=preset.height, width=preset.width, kernel_size=3)
+        forward = iteration(preset, algorithm, steps, device, seed, backend)
+        measured = iteration_rows(env, config, device, forward)
+        del forward
+        rows += measured
+        if emit is not None:
+            emit(measured)
     return rows
 
 
 def table(rows: list[Record]) -> str:
-    """A Markdown table of the rows: algorithm, N, MiB per measure."""
+    """A Markdown table of the rows: algorithm, N, MiB per measure (or why a configuration has none)."""
     lines = ["| algorithm | N | saved for backward (MiB) | CUDA max allocated (MiB) |", "| --- | --- | --- | --- |"]
-    keyed: dict[tuple[str, int], dict[str, int]] = {}
+    keyed: dict[tuple[str, int], dict[str, str]] = {}
     for r in rows:
-        keyed.setdefault((r.algorithm, r.steps), {})[r.peak_kind] = r.peak_bytes
+        cell = keyed.setdefault((r.algorithm, r.steps), {})
+        if r.status != "ok":
+            cell["saved_for_backward"] = cell["cuda_max_allocated"] = r.status
+        else:
+            cell[r.peak_kind] = f"{r.peak_bytes / 2**20:.1f}"
     for (algorithm, steps), kinds in keyed.items():
-        cuda = kinds.get("cuda_max_allocated")
-        lines.append(f"| {algorithm} | {steps} | {kinds['saved_for_backward'] / 2**20:.1f} | "
-                     f"{cuda / 2**20:.1f} |" if cuda is not None else
-                     f"| {algorithm} | {steps} | {kinds['saved_for_backward'] / 2**20:.1f} | - |")
+        lines.append(f"| {algorithm} | {steps} | {kinds.get('saved_for_backward', '-')} | "
+                     f"{kinds.get('cuda_max_allocated', '-')} |")
     return "\n".join(lines)
 
 
-def write(rows: list[Record], out: Path = DEFAULT_OUT) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = records_path(out, rows[0].device_name)
-    append_records(path, rows)
-    return path
-
-
-__all__ = ["DEFAULT_OUT", "PRESETS", "MemoryPreset", "measure", "run", "table", "write"]
+__all__ = ["DEFAULT_OUT", "PRESETS", "MemoryPreset", "iteration", "measure", "run", "table"]

@@ -124,15 +124,21 @@ def evaluate(model: PanopticFPN, dataset: CocoPanoptic, batch_size: int, device:
     return metrics
 
 
-def train(config: PanopticTrainConfig, *, after_step: Callable[[int], None] | None = None) -> PanopticTrainResult:
-    """Run (or resume) the training that ``config`` describes (module docstring)."""
+def train(config: PanopticTrainConfig, *,
+          after_backward: Callable[[int, torch.nn.Module], None] | None = None,
+          after_step: Callable[[int], None] | None = None) -> PanopticTrainResult:
+    """Run (or resume) the training that ``config`` describes (module docstring).
+
+    ``after_backward(step, model)`` is called on every rank after the gradients of step ``step``
+    (1-based) are reduced, before the optimizer step; ``after_step(step)`` after the step.
+    """
     config.check()
     env = setup_distributed(config.device)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _train(config, env, after_step)
+        return _train(config, env, after_backward, after_step)
     finally:
         torch.set_num_threads(threads)
         if env.initialised_here:
@@ -144,20 +150,20 @@ def _describe_data(fp: dict) -> str:
             f"{str(fp.get('annotations_sha256'))[:12]})")
 
 
-def _train(config: PanopticTrainConfig, env, after_step) -> PanopticTrainResult:
+def _train(config: PanopticTrainConfig, env, after_backward, after_step) -> PanopticTrainResult:
     # One run per output folder (rank 0 holds OUT/.lock for the whole run), as the Pathfinder trainer.
     out = Path(config.out)
     lock = OutputLock(out) if env.is_main else None
     try:
         if lock is not None:
             remove_stale_temporaries(out, (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE))
-        return _train_locked(config, env, after_step)
+        return _train_locked(config, env, after_backward, after_step)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(config: PanopticTrainConfig, env, after_step) -> PanopticTrainResult:
+def _train_locked(config: PanopticTrainConfig, env, after_backward, after_step) -> PanopticTrainResult:
     train_set, eval_set = _datasets(config)
     global_batch = config.batch_size * env.world
     if len(train_set) < global_batch:
@@ -246,6 +252,8 @@ def _train_locked(config: PanopticTrainConfig, env, after_step) -> PanopticTrain
                 loss = task_loss + config.lcp_weight * penalty if penalty is not None else task_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if after_backward is not None:
+                    after_backward(step + 1, model)
                 optimizer.step()
                 step += 1
                 if after_step is not None:
