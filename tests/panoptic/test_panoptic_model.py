@@ -106,3 +106,62 @@ def test_config_errors_name_the_field():
         PanopticFPN(PanopticConfig(num_things=3, num_stuff=2, backbone="vgg"), THINGS, STUFFS)
     with pytest.raises(ValueError, match="things / stuffs: expected 3 / 2 category ids, got 2 / 2"):
         PanopticFPN(PanopticConfig(num_things=3, num_stuff=2), [1, 2], STUFFS)
+
+
+def _panopticapi_pq(pred: torch.Tensor, target: torch.Tensor, categories: list[int]) -> float:
+    """PQ as COCO's panopticapi computes it (pq_compute_single_core + PQStat.pq_average), restated
+    for one image with no crowd segments: unmatched ground truth counts as a false negative,
+    prediction segments mostly on ground-truth void are not false positives, IoU over whole segments
+    minus the prediction's overlap with ground-truth void."""
+    def segments(m):  # category 0 and unknown categories are no segment ("no prediction" in pred)
+        ids = m[..., 0] * 1000 + m[..., 1]
+        return {int(s): (int(s) // 1000, ids == s) for s in ids.unique() if int(s) // 1000 in categories}
+    p, g = segments(pred), segments(target)
+    gt_void = target[..., 0] == 0
+    stat = {c: [0.0, 0, 0, 0] for c in categories}  # iou, tp, fp, fn
+    matched_p, matched_g = set(), set()
+    for gl, (gc, gm) in g.items():
+        for pl, (pc, pm) in p.items():
+            if pc != gc:
+                continue
+            inter = (gm & pm).sum().item()
+            union = pm.sum().item() + gm.sum().item() - inter - (pm & gt_void).sum().item()
+            if union and inter / union > 0.5:
+                stat[gc][0] += inter / union
+                stat[gc][1] += 1
+                matched_p.add(pl), matched_g.add(gl)
+    for gl, (gc, _) in g.items():
+        if gl not in matched_g:
+            stat[gc][3] += 1
+    for pl, (pc, pm) in p.items():
+        if pl not in matched_p and (pm & gt_void).sum().item() / pm.sum().item() <= 0.5:
+            stat[pc][2] += 1
+    pqs = [s[0] / (s[1] + 0.5 * s[2] + 0.5 * s[3]) for s in stat.values() if s[1] + s[2] + s[3] > 0]
+    return 100 * sum(pqs) / len(pqs)
+
+
+def test_pq_counts_what_panopticapi_counts():
+    # torchmetrics alone drops ground truth that the prediction leaves void: an empty prediction
+    # scored NaN and one right segment with abstention elsewhere scored 100.
+    things, stuffs = [1, 2], [3]
+    target = torch.zeros(12, 10, 2, dtype=torch.long)
+    target[:4, :, 0], target[:4, :, 1] = 1, 1
+    target[4:8, :5, 0], target[4:8, :5, 1] = 2, 2
+    target[8:, :, 0], target[8:, :, 1] = 3, 3
+    target[4:8, 5:] = 0  # ground-truth void
+    empty = torch.zeros_like(target)
+    one_right = empty.clone()
+    one_right[:4] = target[:4]
+    partly = target.clone()
+    partly[4:8, :3] = 0  # a thing predicted only on 2 of its 5 columns (IoU 0.4: not matched)
+    partly[9:] = 0  # the stuff predicted on 1 of its 4 rows: IoU 0.25
+    partly[4:8, 5:, 0], partly[4:8, 5:, 1] = 1, 7  # a segment on ground-truth void: ignored
+    unknown = target.clone()
+    unknown[8:, :, 0] = 9  # an unknown category: no prediction
+    for pred, expected in [(empty, 0.0), (one_right, 100 / 3), (partly, 100 / 3), (target, 100.0),
+                           (unknown, 200 / 3)]:
+        score = PanopticScore(things, stuffs)
+        score.update(pred, target)
+        got = score.compute()["pq"]
+        assert got == pytest.approx(_panopticapi_pq(pred, target, things + stuffs), abs=1e-9)
+        assert got == pytest.approx(expected, abs=1e-9)
