@@ -75,4 +75,11 @@ std::tuple<Tensor, Tensor> vjp_inhibit(const Tensor& dh1, const OptTensor& dh1_e
 Tensor vjp_gate_inh(const Tensor& dhg, const Tensor& dh, const Tensor& g1, const Tensor& dhg_to_dm1,
                     const Tensor& u1_weight, const OptTensor& out);
 
+// The FFT conv's channel mix (crbp_fast/fft_conv.py, spectral_mix): z (B, X, P, 2), the real
+// view of a complex (B, X, P) spectrum; spec (ceil(P / 32), O, C, 2, 32) in z's dtype (float32
+// or float64), the kernel spectrum K[o, c, p] in tiles of 32 frequencies. Returns (B, O, P, 2)
+// = sum_c K[o, c] z[b, c] (X = C), or with transpose (B, C, P, 2) = sum_o conj(K[o, c]) z[b, o]
+// (X = O). out, if given, must not overlap z or spec.
+Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const OptTensor& out);
+
 }  // namespace crbp::ops

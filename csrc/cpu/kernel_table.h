@@ -119,6 +119,25 @@ struct VjpGateInhArgs {
   const T* w_t;  // (C, C) U1 transposed
 };
 
+// The FFT conv's channel mix on one tile of kMixLanes frequencies (crbp_fast/fft_conv.py,
+// spectral_mix): out[b, y, p] = sum_x K[y, x, p] z[b, x, p] (forward, K[o, c] with y = o, x = c)
+// or sum_x conj(K[x, y, p]) z[b, x, p] (transpose, y = c, x = o), complex numbers interleaved
+// (re, im) in z and out, which are (B, X, P, 2) and (B, Y, P, 2); `spec` points at this tile's
+// (O, C, 2, kMixLanes) block of the kernel spectrum (real parts, then imaginary parts).
+constexpr std::int64_t kMixLanes = 32;
+// Samples whose deinterleaved tile sits in the scratch at once.
+constexpr std::int64_t kMixBatch = 8;
+
+template <typename T>
+struct SpectralMixArgs {
+  const T* z;     // (B, X, P, 2)
+  const T* spec;  // (O, C, 2, kMixLanes) of this tile
+  T* out;         // (B, Y, P, 2)
+  std::int64_t batch, in_ch, out_ch, planes;  // B, X, Y, P
+  std::int64_t p0, n;                         // first frequency of the tile, valid ones (<= kMixLanes)
+  bool transpose;
+};
+
 // Tile kernels take `scratch`: 2 * channels * kTile<T> elements that they may overwrite.
 template <typename T>
 struct KernelTable {
@@ -139,6 +158,8 @@ struct KernelTable {
   void (*vjp_inhibit)(const VjpInhibitArgs<T>& a, std::int64_t n);
   void (*vjp_gate_inh)(const VjpGateInhArgs<T>& a, std::int64_t channels, std::int64_t hw, std::int64_t n,
                        T* scratch);
+  // scratch: 2 * kMixLanes * (min(B, kMixBatch) * X + kMixBatch) elements.
+  void (*spectral_mix)(const SpectralMixArgs<T>& a, T* scratch);
 };
 
 namespace base {
