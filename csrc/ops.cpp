@@ -419,5 +419,27 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const O
   return CRBP_ON_DEVICE(z, spectral_mix(z, spec, transpose, buffer));
 }
 
+Tensor spectral_outer(const Tensor& p, const Tensor& q) {
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&p, "p"}, {&q, "q"}}) {
+    TORCH_CHECK(t->defined(), name, ": expected a tensor, got None");
+    TORCH_CHECK(t->dim() == 4 && t->size(3) == 2, name, ": expected a (B, X, P, 2) tensor (the real view of a "
+                "complex (B, X, P) spectrum), got shape ", t->sizes());
+    TORCH_CHECK(t->size(0) > 0 && t->size(1) > 0 && t->size(2) > 0, name, ": expected non-empty dimensions, got "
+                "shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, name,
+                ": expected float32 or float64, got ", t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), name, ": expected a contiguous tensor, got strides ", t->strides());
+  }
+  TORCH_CHECK(p.is_cpu() || p.is_cuda(), "p: expected a CPU or CUDA tensor, got device ", p.device());
+#ifndef CRBP_WITH_CUDA
+  TORCH_CHECK(p.is_cpu(), "p: is on ", p.device(), " but crbp_fast.native was built without CUDA");
+#endif
+  TORCH_CHECK(q.device() == p.device() && q.scalar_type() == p.scalar_type(), "q: expected the device and dtype of p (",
+              p.device(), " ", p.scalar_type(), "), got ", q.device(), " ", q.scalar_type());
+  TORCH_CHECK(q.size(0) == p.size(0) && q.size(2) == p.size(2), "q: expected the batch and frequencies of p ",
+              p.sizes(), ", got ", q.sizes());
+  return CRBP_ON_DEVICE(p, spectral_outer(p, q));
+}
+
 }  // namespace ops
 }  // namespace crbp

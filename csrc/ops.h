@@ -81,5 +81,9 @@ Tensor vjp_gate_inh(const Tensor& dhg, const Tensor& dh, const Tensor& g1, const
 // = sum_c K[o, c] z[b, c] (X = C), or with transpose (B, C, P, 2) = sum_o conj(K[o, c]) z[b, o]
 // (X = O). out, if given, must not overlap z or spec.
 Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const OptTensor& out);
+// The FFT conv's spectrum gradient (crbp_fast/fft_conv.py, spectral_outer): p (B, O, P, 2) and
+// q (B, C, P, 2), real views of complex spectra of one dtype; returns the mix layout
+// (ceil(P / 32), O, C, 2, 32) of D[o, c, p] = sum_b p[b, o, p] conj(q[b, c, p]), zero past P.
+Tensor spectral_outer(const Tensor& p, const Tensor& q);
 
 }  // namespace crbp::ops

@@ -138,6 +138,18 @@ struct SpectralMixArgs {
   bool transpose;
 };
 
+// The spectrum gradient of the FFT conv on one tile (crbp_fast/fft_conv.py, spectral_outer):
+// d[o, c, :, t] = sum_b p[b, o, p0 + t] conj(q[b, c, p0 + t]), written as this tile's
+// (O, C, 2, kMixLanes) block (zero past n), p (B, O, P, 2) and q (B, C, P, 2) interleaved.
+template <typename T>
+struct SpectralOuterArgs {
+  const T* p;
+  const T* q;
+  T* d;  // (O, C, 2, kMixLanes) of this tile
+  std::int64_t batch, out_ch, in_ch, planes;  // B, O, C, P
+  std::int64_t p0, n;
+};
+
 // Tile kernels take `scratch`: 2 * channels * kTile<T> elements that they may overwrite.
 template <typename T>
 struct KernelTable {
@@ -160,6 +172,8 @@ struct KernelTable {
                        T* scratch);
   // scratch: 2 * kMixLanes * (min(B, kMixBatch) * X + kMixBatch) elements.
   void (*spectral_mix)(const SpectralMixArgs<T>& a, T* scratch);
+  // scratch: 2 * kMixLanes * min(B, kMixBatch) * (O + C) elements.
+  void (*spectral_outer)(const SpectralOuterArgs<T>& a, T* scratch);
 };
 
 namespace base {

@@ -473,11 +473,72 @@ void spectral_mix(const SpectralMixArgs<T>& a, T* scratch) {
   }
 }
 
+// Copies n interleaved complex values into planar (re, im) rows of kMixLanes, zero past n.
+template <typename T>
+inline void deinterleave(const T* src, int64_t n, T* re, T* im) {
+  for (int64_t t = 0; t < n; ++t) {
+    re[t] = src[2 * t];
+    im[t] = src[2 * t + 1];
+  }
+  for (int64_t t = n; t < kMixLanes; ++t) re[t] = im[t] = T(0);
+}
+
+template <typename T>
+void spectral_outer(const SpectralOuterArgs<T>& a, T* scratch) {
+  constexpr int64_t L = kMixLanes;
+  const int64_t no = a.out_ch, nc = a.in_ch;
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kMixBatch) {
+    const int64_t nb = a.batch - b0 < kMixBatch ? a.batch - b0 : kMixBatch;
+    T* ps = scratch;                  // (nb, O, 2, L)
+    T* qs = scratch + nb * no * 2 * L;  // (nb, C, 2, L)
+    for (int64_t bb = 0; bb < nb; ++bb) {
+      for (int64_t o = 0; o < no; ++o) {
+        T* r = ps + (bb * no + o) * 2 * L;
+        deinterleave(a.p + (((b0 + bb) * no + o) * a.planes + a.p0) * 2, a.n, r, r + L);
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        T* r = qs + (bb * nc + c) * 2 * L;
+        deinterleave(a.q + (((b0 + bb) * nc + c) * a.planes + a.p0) * 2, a.n, r, r + L);
+      }
+    }
+    for (int64_t o = 0; o < no; ++o) {
+      for (int64_t c = 0; c < nc; ++c) {
+        T* dr = a.d + (o * nc + c) * 2 * L;
+        T* di = dr + L;
+        T ar[L], ai[L];
+        if (b0 == 0) {
+          for (int64_t t = 0; t < L; ++t) ar[t] = ai[t] = T(0);
+        } else {
+          for (int64_t t = 0; t < L; ++t) {
+            ar[t] = dr[t];
+            ai[t] = di[t];
+          }
+        }
+        for (int64_t bb = 0; bb < nb; ++bb) {
+          const T* pr = ps + (bb * no + o) * 2 * L;
+          const T* pi = pr + L;
+          const T* qr = qs + (bb * nc + c) * 2 * L;
+          const T* qi = qr + L;
+#pragma omp simd
+          for (int64_t t = 0; t < L; ++t) {
+            ar[t] += pr[t] * qr[t] + pi[t] * qi[t];
+            ai[t] += pi[t] * qr[t] - pr[t] * qi[t];
+          }
+        }
+        for (int64_t t = 0; t < L; ++t) {
+          dr[t] = ar[t];
+          di[t] = ai[t];
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 constexpr KernelTable<T> kTable{
     CRBP_STR(CRBP_ISA), &moments<T>,       &dot_sums<T>,    &normalize<T>,      &norm_vjp_apply<T>,
     &gate_inh<T>,       &inhibit<T>,       &excite_mix<T>,  &vjp_excite_mix<T>, &vjp_inhibit<T>,
-    &vjp_gate_inh<T>,   &spectral_mix<T>,
+    &vjp_gate_inh<T>,   &spectral_mix<T>,  &spectral_outer<T>,
 };
 
 }  // namespace
