@@ -419,7 +419,7 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const O
   return CRBP_ON_DEVICE(z, spectral_mix(z, spec, transpose, buffer));
 }
 
-Tensor spectral_outer(const Tensor& p, const Tensor& q) {
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&p, "p"}, {&q, "q"}}) {
     TORCH_CHECK(t->defined(), name, ": expected a tensor, got None");
     TORCH_CHECK(t->dim() == 4 && t->size(3) == 2, name, ": expected a (B, X, P, 2) tensor (the real view of a "
@@ -438,7 +438,9 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q) {
               p.device(), " ", p.scalar_type(), "), got ", q.device(), " ", q.scalar_type());
   TORCH_CHECK(q.size(0) == p.size(0) && q.size(2) == p.size(2), "q: expected the batch and frequencies of p ",
               p.sizes(), ", got ", q.sizes());
-  return CRBP_ON_DEVICE(p, spectral_outer(p, q));
+  TORCH_CHECK(rows > 0 && p.size(2) % rows == 0, "rows: expected a positive divisor of P = ", p.size(2),
+              " (the FFT height M of P = M (N/2 + 1) frequencies), got ", rows);
+  return CRBP_ON_DEVICE(p, spectral_outer(p, q, rows));
 }
 
 }  // namespace ops

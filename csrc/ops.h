@@ -82,8 +82,9 @@ Tensor vjp_gate_inh(const Tensor& dhg, const Tensor& dh, const Tensor& g1, const
 // (X = O). out, if given, must not overlap z or spec.
 Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const OptTensor& out);
 // The FFT conv's spectrum gradient (crbp_fast/fft_conv.py, spectral_outer): p (B, O, P, 2) and
-// q (B, C, P, 2), real views of complex spectra of one dtype; returns the mix layout
-// (ceil(P / 32), O, C, 2, 32) of D[o, c, p] = sum_b p[b, o, p] conj(q[b, c, p]), zero past P.
-Tensor spectral_outer(const Tensor& p, const Tensor& q);
+// q (B, C, P, 2), real views of complex (B, X, M, Nh) rfft2 outputs of one dtype (P = M Nh,
+// rows = M); returns D[o, c] = sum_b p[b, o] conj(q[b, c]) per frequency in the spectrum's
+// layout S (P, 2C, O): frequency u Nh + v at row v M + u, Re D in columns [0, C), Im D in [C, 2C).
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows);
 
 }  // namespace crbp::ops

@@ -548,14 +548,14 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const T
   return out;
 }
 
-Tensor spectral_outer(const Tensor& p, const Tensor& q) {
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
   const int64_t batch = p.size(0), no = p.size(1), nc = q.size(1), planes = p.size(2);
   const int64_t tiles = (planes + kMixLanes - 1) / kMixLanes;
-  Tensor d = alloc_output(at::empty({1}, p.options()).expand({tiles, no, nc, 2, kMixLanes}));
+  const int64_t cols = planes / rows;
+  Tensor d = alloc_output(at::empty({1}, p.options()).expand({planes, 2 * nc, no}));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "spectral_outer", [&] {
     using T = scalar_t;
     const auto& k = kernels<T>();
-    const int64_t block = no * nc * 2 * kMixLanes;
     const int64_t scratch_size = 2 * kMixLanes * std::min(batch, kMixBatch) * (no + nc);
     const T* pp = p.const_data_ptr<T>();
     const T* qp = q.const_data_ptr<T>();
@@ -564,7 +564,7 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q) {
       std::vector<T> scratch(static_cast<size_t>(scratch_size));
       for (int64_t t = begin; t < end; ++t) {
         const int64_t p0 = t * kMixLanes;
-        const SpectralOuterArgs<T> a{pp, qp, dp + t * block, batch, no, nc, planes, p0,
+        const SpectralOuterArgs<T> a{pp, qp, dp, batch, no, nc, planes, rows, cols, p0,
                                      std::min(kMixLanes, planes - p0)};
         k.spectral_outer(a, scratch.data());
       }

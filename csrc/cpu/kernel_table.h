@@ -139,14 +139,17 @@ struct SpectralMixArgs {
 };
 
 // The spectrum gradient of the FFT conv on one tile (crbp_fast/fft_conv.py, spectral_outer):
-// d[o, c, :, t] = sum_b p[b, o, p0 + t] conj(q[b, c, p0 + t]), written as this tile's
-// (O, C, 2, kMixLanes) block (zero past n), p (B, O, P, 2) and q (B, C, P, 2) interleaved.
+// D[o, c] = sum_b p[b, o, f] conj(q[b, c, f]) for the n frequencies f = p0 + t of the tile,
+// p (B, O, P, 2) and q (B, C, P, 2) interleaved, written in the spectrum's own layout
+// S (F, 2C, O): frequency f = u Nh + v (rfft2 order) is row v M + u, Re D at column block 0,
+// Im D at block 1.
 template <typename T>
 struct SpectralOuterArgs {
   const T* p;
   const T* q;
-  T* d;  // (O, C, 2, kMixLanes) of this tile
+  T* d;  // (F, 2C, O)
   std::int64_t batch, out_ch, in_ch, planes;  // B, O, C, P
+  std::int64_t rows, cols;                    // M, Nh (P = M Nh)
   std::int64_t p0, n;
 };
 

@@ -501,19 +501,16 @@ void spectral_outer(const SpectralOuterArgs<T>& a, T* scratch) {
         deinterleave(a.q + (((b0 + bb) * nc + c) * a.planes + a.p0) * 2, a.n, r, r + L);
       }
     }
+    // The destination row of each lane's frequency in S.
+    int64_t row[L];
+    for (int64_t t = 0; t < a.n; ++t) {
+      const int64_t f = a.p0 + t;
+      row[t] = ((f % a.cols) * a.rows + f / a.cols) * 2 * nc * no;
+    }
     for (int64_t o = 0; o < no; ++o) {
       for (int64_t c = 0; c < nc; ++c) {
-        T* dr = a.d + (o * nc + c) * 2 * L;
-        T* di = dr + L;
         T ar[L], ai[L];
-        if (b0 == 0) {
-          for (int64_t t = 0; t < L; ++t) ar[t] = ai[t] = T(0);
-        } else {
-          for (int64_t t = 0; t < L; ++t) {
-            ar[t] = dr[t];
-            ai[t] = di[t];
-          }
-        }
+        for (int64_t t = 0; t < L; ++t) ar[t] = ai[t] = T(0);
         for (int64_t bb = 0; bb < nb; ++bb) {
           const T* pr = ps + (bb * no + o) * 2 * L;
           const T* pi = pr + L;
@@ -525,9 +522,18 @@ void spectral_outer(const SpectralOuterArgs<T>& a, T* scratch) {
             ai[t] += pi[t] * qr[t] - pr[t] * qi[t];
           }
         }
-        for (int64_t t = 0; t < L; ++t) {
-          dr[t] = ar[t];
-          di[t] = ai[t];
+        T* dre = a.d + c * no + o;
+        T* dim = dre + nc * no;
+        if (b0 == 0) {
+          for (int64_t t = 0; t < a.n; ++t) {
+            dre[row[t]] = ar[t];
+            dim[row[t]] = ai[t];
+          }
+        } else {
+          for (int64_t t = 0; t < a.n; ++t) {
+            dre[row[t]] += ar[t];
+            dim[row[t]] += ai[t];
+          }
         }
       }
     }

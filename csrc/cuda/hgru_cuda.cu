@@ -726,39 +726,39 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const T
 
 namespace {
 
-// One warp per (tile, o, c): lane t sums over the batch at frequency p0 + t.
+// One warp per (tile, o, c): lane t sums over the batch at frequency p0 + t and writes S's
+// row of that frequency (u Nh + v -> v M + u).
 template <typename T>
 __global__ void spectral_outer_kernel(const T* __restrict__ p, const T* __restrict__ q, T* __restrict__ d, int batch,
-                                      int no, int nc, std::int64_t planes) {
+                                      int no, int nc, std::int64_t planes, std::int64_t rows) {
   constexpr int L = static_cast<int>(kSpectralMixLanes);
   const int lane = threadIdx.x;
   const int pair = blockIdx.y * blockDim.y + threadIdx.y;
   if (pair >= no * nc) return;
   const int o = pair / nc, c = pair % nc;
-  const std::int64_t tile = blockIdx.x;
-  const std::int64_t f = tile * L + lane;
+  const std::int64_t f = static_cast<std::int64_t>(blockIdx.x) * L + lane;
+  if (f >= planes) return;
   T ar = T(0), ai = T(0);
-  if (f < planes) {
-    for (int b = 0; b < batch; ++b) {
-      const T* pp = p + ((static_cast<std::int64_t>(b) * no + o) * planes + f) * 2;
-      const T* qq = q + ((static_cast<std::int64_t>(b) * nc + c) * planes + f) * 2;
-      ar += pp[0] * qq[0] + pp[1] * qq[1];
-      ai += pp[1] * qq[0] - pp[0] * qq[1];
-    }
+  for (int b = 0; b < batch; ++b) {
+    const T* pp = p + ((static_cast<std::int64_t>(b) * no + o) * planes + f) * 2;
+    const T* qq = q + ((static_cast<std::int64_t>(b) * nc + c) * planes + f) * 2;
+    ar += pp[0] * qq[0] + pp[1] * qq[1];
+    ai += pp[1] * qq[0] - pp[0] * qq[1];
   }
-  T* dd = d + ((tile * no + o) * nc + c) * 2 * L + lane;
-  dd[0] = ar;
-  dd[L] = ai;
+  const std::int64_t cols = planes / rows;
+  const std::int64_t row = ((f % cols) * rows + f / cols) * 2 * nc * no;
+  d[row + c * no + o] = ar;
+  d[row + (nc + c) * no + o] = ai;
 }
 
 }  // namespace
 
-Tensor spectral_outer(const Tensor& p, const Tensor& q) {
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
   const c10::cuda::CUDAGuard guard(p.device());
   const std::int64_t batch = p.size(0), no = p.size(1), nc = q.size(1), planes = p.size(2);
   const std::int64_t lanes = kSpectralMixLanes;
   const std::int64_t tiles = (planes + lanes - 1) / lanes;
-  Tensor d = alloc_output(at::empty({1}, p.options()).expand({tiles, no, nc, 2, lanes}));
+  Tensor d = alloc_output(at::empty({1}, p.options()).expand({planes, 2 * nc, no}));
   TORCH_CHECK(tiles < (1LL << 31), "spectral_outer: grid too large (", tiles, " tiles)");
   constexpr int kWarpsPerBlock = 4;
   const dim3 block(static_cast<unsigned>(lanes), kWarpsPerBlock);
@@ -767,7 +767,7 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q) {
     using T = scalar_t;
     spectral_outer_kernel<T><<<grid, block, 0, stream()>>>(p.const_data_ptr<T>(), q.const_data_ptr<T>(),
                                                            d.mutable_data_ptr<T>(), static_cast<int>(batch),
-                                                           static_cast<int>(no), static_cast<int>(nc), planes);
+                                                           static_cast<int>(no), static_cast<int>(nc), planes, rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return d;
