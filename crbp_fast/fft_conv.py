@@ -224,7 +224,9 @@ def _mix_adjoint(p: Tensor, spectrum: Tensor, batch: int, m: int) -> Tensor:
 
 def _inverse(z: Tensor, shape: tuple[int, int], height: int, width: int) -> Tensor:
     """irfft2(z, s=shape)[..., :H, :W]: the row ifft, then the c2r transform of the H kept rows."""
-    rows = torch.fft.ifft(z, dim=-2)[..., :height, :]
+    # The row ifft's output is column-major; made contiguous before the c2r (which would copy
+    # it anyway, more slowly: 18.7 against 25.1 ms at B4-C25-160x81, one thread).
+    rows = torch.fft.ifft(z, dim=-2)[..., :height, :].contiguous()
     return torch.fft.irfft(rows, n=shape[1], dim=-1)[..., :width].contiguous()
 
 
