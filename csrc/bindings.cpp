@@ -51,4 +51,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dc1, dh); dc1_out may be dh1, dh_out may be dh");
   m.def("vjp_gate_inh", &vjp_gate_inh, py::arg("dhg"), py::arg("dh"), py::arg("g1"), py::arg("dhg_to_dm1"),
         py::arg("u1_weight"), py::arg("out") = py::none(), "the final dh; out may be dh");
+
+  m.def("spectral_mix", &spectral_mix, py::arg("z"), py::arg("spec"), py::arg("transpose"),
+        py::arg("out") = py::none(),
+        "The FFT conv's channel mix: z (B, X, P, 2), spec (ceil(P / 32), O, C, 2, 32) -> (B, Y, P, 2)");
+  m.def("spectral_outer", &spectral_outer, py::arg("p"), py::arg("q"), py::arg("rows"),
+        "The FFT conv's spectrum gradient: sum_b p[b, o] conj(q[b, c]) per frequency, as S (P, 2C, O)");
 }

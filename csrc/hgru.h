@@ -24,6 +24,10 @@ namespace crbp {
 
 enum class NormKind { kNone, kBatch, kGroup };
 
+// Frequencies per tile of the spectral_mix kernel spectrum layout (crbp_fast/conv/fft.py,
+// MIX_LANES): the spectrum is (ceil(P / 32), O, C, 2, 32), real parts then imaginary parts.
+constexpr std::int64_t kSpectralMixLanes = 32;
+
 // A normalisation of the conv outputs (reference.NormSpec): statistics over (B, H, W) per
 // channel for kBatch, over (C / groups, H, W) per (sample, group) for kGroup.
 struct Norm {
@@ -68,7 +72,11 @@ at::Tensor alloc_stats(const at::Tensor& like_map);  // (B, C) in the opmath dty
                                       const at::Tensor& dh1_to_dc1, const at::Tensor& dh1_to_dh,                    \
                                       const at::Tensor& dc1_out, const at::Tensor& dh_out);                         \
   at::Tensor vjp_gate_inh(const at::Tensor& dhg, const at::Tensor& dh, const at::Tensor& g1,                        \
-                          const at::Tensor& dhg_to_dm1, const at::Tensor& u1_weight, const at::Tensor& out);
+                          const at::Tensor& dhg_to_dm1, const at::Tensor& u1_weight, const at::Tensor& out);        \
+  /* the FFT conv's channel mix: z (B, X, P, 2), spec (tiles, O, C, 2, kMixLanes) -> (B, Y, P, 2) */               \
+  at::Tensor spectral_mix(const at::Tensor& z, const at::Tensor& spec, bool transpose, const at::Tensor& out);     \
+  /* the FFT conv's spectrum gradient: p (B, O, P, 2), q (B, C, P, 2), P = M Nh -> S layout (P, 2C, O) */         \
+  at::Tensor spectral_outer(const at::Tensor& p, const at::Tensor& q, std::int64_t rows);
 
 namespace cpu {
 CRBP_DECLARE_DEVICE_PASSES

@@ -375,5 +375,73 @@ Tensor vjp_gate_inh(const Tensor& dhg, const Tensor& dh, const Tensor& g1, const
   return CRBP_ON_DEVICE(dhg, vjp_gate_inh(dhg, dh, g1, dhg_to_dm1, u1_weight, buffer));
 }
 
+Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const OptTensor& out) {
+  TORCH_CHECK(z.defined(), "z: expected a tensor, got None");
+  TORCH_CHECK(z.dim() == 4 && z.size(3) == 2, "z: expected a (B, X, P, 2) tensor (the real view of a complex "
+              "(B, X, P) spectrum), got shape ", z.sizes());
+  TORCH_CHECK(z.size(0) > 0 && z.size(1) > 0 && z.size(2) > 0, "z: expected non-empty dimensions, got shape ",
+              z.sizes());
+  TORCH_CHECK(z.is_cpu() || z.is_cuda(), "z: expected a CPU or CUDA tensor, got device ", z.device());
+#ifndef CRBP_WITH_CUDA
+  TORCH_CHECK(z.is_cpu(), "z: is on ", z.device(), " but crbp_fast.hgru.native was built without CUDA");
+#endif
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "z: expected float32 or float64 (the real view of complex64 / complex128), got ", z.scalar_type());
+  TORCH_CHECK(z.is_contiguous(), "z: expected a contiguous tensor, got strides ", z.strides());
+  TORCH_CHECK(spec.defined(), "spec: expected a tensor, got None");
+  TORCH_CHECK(spec.device() == z.device(), "spec: expected the device of z (", z.device(), "), got ", spec.device());
+  TORCH_CHECK(spec.scalar_type() == z.scalar_type(), "spec: expected the dtype of z (", z.scalar_type(), "), got ",
+              spec.scalar_type());
+  const std::int64_t lanes = kSpectralMixLanes;
+  const std::int64_t tiles = (z.size(2) + lanes - 1) / lanes;
+  TORCH_CHECK(spec.dim() == 5 && spec.size(0) == tiles && spec.size(3) == 2 && spec.size(4) == lanes,
+              "spec: expected shape (", tiles, ", O, C, 2, ", lanes, ") for P = ", z.size(2),
+              " frequencies in tiles of ", lanes, ", got ", spec.sizes());
+  const std::int64_t in_ch = transpose ? spec.size(1) : spec.size(2);
+  TORCH_CHECK(z.size(1) == in_ch, "z: expected ", in_ch, " channels (spec's ",
+              transpose ? "output channels O, transpose=True" : "input channels C, transpose=False", "), got ",
+              z.size(1));
+  TORCH_CHECK(spec.is_contiguous(), "spec: expected a contiguous tensor, got strides ", spec.strides());
+  Tensor buffer;
+  if (out.has_value()) {
+    const std::int64_t out_ch = transpose ? spec.size(2) : spec.size(1);
+    const Tensor& o = *out;
+    TORCH_CHECK(o.device() == z.device() && o.scalar_type() == z.scalar_type(), "out: expected the device and dtype "
+                "of z, got ", o.device(), " ", o.scalar_type());
+    TORCH_CHECK(o.sizes() == at::IntArrayRef({z.size(0), out_ch, z.size(2), 2}), "out: expected shape (",
+                z.size(0), ", ", out_ch, ", ", z.size(2), ", 2), got ", o.sizes());
+    TORCH_CHECK(o.is_contiguous(), "out: expected a contiguous tensor, got strides ", o.strides());
+    TORCH_CHECK(at::get_overlap_status(o, z) == at::MemOverlapStatus::No &&
+                    at::get_overlap_status(o, spec) == at::MemOverlapStatus::No,
+                "out: must not overlap z or spec");
+    buffer = o;
+  }
+  return CRBP_ON_DEVICE(z, spectral_mix(z, spec, transpose, buffer));
+}
+
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&p, "p"}, {&q, "q"}}) {
+    TORCH_CHECK(t->defined(), name, ": expected a tensor, got None");
+    TORCH_CHECK(t->dim() == 4 && t->size(3) == 2, name, ": expected a (B, X, P, 2) tensor (the real view of a "
+                "complex (B, X, P) spectrum), got shape ", t->sizes());
+    TORCH_CHECK(t->size(0) > 0 && t->size(1) > 0 && t->size(2) > 0, name, ": expected non-empty dimensions, got "
+                "shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, name,
+                ": expected float32 or float64, got ", t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), name, ": expected a contiguous tensor, got strides ", t->strides());
+  }
+  TORCH_CHECK(p.is_cpu() || p.is_cuda(), "p: expected a CPU or CUDA tensor, got device ", p.device());
+#ifndef CRBP_WITH_CUDA
+  TORCH_CHECK(p.is_cpu(), "p: is on ", p.device(), " but crbp_fast.hgru.native was built without CUDA");
+#endif
+  TORCH_CHECK(q.device() == p.device() && q.scalar_type() == p.scalar_type(), "q: expected the device and dtype of p (",
+              p.device(), " ", p.scalar_type(), "), got ", q.device(), " ", q.scalar_type());
+  TORCH_CHECK(q.size(0) == p.size(0) && q.size(2) == p.size(2), "q: expected the batch and frequencies of p ",
+              p.sizes(), ", got ", q.sizes());
+  TORCH_CHECK(rows > 0 && p.size(2) % rows == 0, "rows: expected a positive divisor of P = ", p.size(2),
+              " (the FFT height M of P = M (N/2 + 1) frequencies), got ", rows);
+  return CRBP_ON_DEVICE(p, spectral_outer(p, q, rows));
+}
+
 }  // namespace ops
 }  // namespace crbp

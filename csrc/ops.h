@@ -75,4 +75,16 @@ std::tuple<Tensor, Tensor> vjp_inhibit(const Tensor& dh1, const OptTensor& dh1_e
 Tensor vjp_gate_inh(const Tensor& dhg, const Tensor& dh, const Tensor& g1, const Tensor& dhg_to_dm1,
                     const Tensor& u1_weight, const OptTensor& out);
 
+// The FFT conv's channel mix (crbp_fast/conv/fft.py, spectral_mix): z (B, X, P, 2), the real
+// view of a complex (B, X, P) spectrum; spec (ceil(P / 32), O, C, 2, 32) in z's dtype (float32
+// or float64), the kernel spectrum K[o, c, p] in tiles of 32 frequencies. Returns (B, O, P, 2)
+// = sum_c K[o, c] z[b, c] (X = C), or with transpose (B, C, P, 2) = sum_o conj(K[o, c]) z[b, o]
+// (X = O). out, if given, must not overlap z or spec.
+Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const OptTensor& out);
+// The FFT conv's spectrum gradient (crbp_fast/conv/fft.py, spectral_outer): p (B, O, P, 2) and
+// q (B, C, P, 2), real views of complex (B, X, M, Nh) rfft2 outputs of one dtype (P = M Nh,
+// rows = M); returns D[o, c] = sum_b p[b, o] conj(q[b, c]) per frequency in the spectrum's
+// layout S (P, 2C, O): frequency u Nh + v at row v M + u, Re D in columns [0, C), Im D in [C, 2C).
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows);
+
 }  // namespace crbp::ops

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..conv import engines as conv_engines
-from ..conv.fft import SpectraScope, fft_shape
+from ..conv.fft import SpectraScope, _mix_kernel, fft_shape
 from ..engine.lcp import lcp_from_step
 from ..engine.solvers import neumann_adjoint
 from .records import Environment, Record
@@ -92,8 +92,10 @@ def machine_rates(device: torch.device, repeats: int = 5) -> MachineRates:
     return MachineRates(bandwidth=2 * 4 * n / copy_s, gemm_flops=2 * size**3 / gemm_s)
 
 
-def _conv_cost(shape: Shape, conv: str) -> tuple[float, float]:
-    """(bytes, flops) of one k x k conv (or its transpose, or its weight gradient) of the engine."""
+def _conv_cost(shape: Shape, conv: str, fused_mix: bool = False) -> tuple[float, float]:
+    """(bytes, flops) of one k x k conv (or its transpose, or its weight gradient) of the engine;
+    ``fused_mix``: the FFT mix runs as the fused spectral_mix kernel (reads the transform output
+    and writes the mix output once: two layout passes instead of six)."""
     b, c, h, w, k = shape.batch, shape.channels, shape.height, shape.width, shape.kernel_size
     map_bytes = 4 * b * c * h * w
     if conv == "direct":
@@ -102,15 +104,18 @@ def _conv_cost(shape: Shape, conv: str) -> tuple[float, float]:
     freqs = m * (n // 2 + 1)
     transforms = 2 * b * c * 2.5 * m * n * math.log2(m * n)
     spectrum = 4 * freqs * 2 * c * c
-    layout = 6 * 8 * b * c * freqs  # transform outputs, doubled rows, mix output, inverse input
+    # transform outputs, doubled rows, mix output, inverse input (fused mix: transform output in, mix out)
+    layout = (2 if fused_mix else 6) * 8 * b * c * freqs
     return 2 * map_bytes + spectrum + layout, transforms + 8.0 * freqs * b * c * c
 
 
 def phase_model(shape: Shape, backend: str, conv: str, algorithm: str, steps: int,
-                adjoint_steps: int) -> dict[str, tuple[float, float]]:
-    """(bytes, flops) per phase of one iteration (module docstring): a count of passes, not a measurement."""
+                adjoint_steps: int, fused_mix: bool = False) -> dict[str, tuple[float, float]]:
+    """(bytes, flops) per phase of one iteration (module docstring): a count of passes, not a
+    measurement. ``fused_mix``: the FFT engine's channel mix is the fused kernel
+    (crbp_fast.conv.fft: CRBP_FAST_FFT_MIX, native on CPU by default)."""
     map_bytes = 4 * shape.batch * shape.channels * shape.height * shape.width
-    conv_bytes, conv_flops = _conv_cost(shape, conv)
+    conv_bytes, conv_flops = _conv_cost(shape, conv, fused_mix)
     maps = _MAPS["torch" if backend == "torch" else "fused"]
 
     def cost(passes: float, convs: float) -> tuple[float, float]:
@@ -190,7 +195,8 @@ def run_phases(sweep: Sweep, env: Environment, rates: MachineRates) -> list[Reco
                 for _ in range(sweep.warmup):
                     fn()
                 samples = [fn() for _ in range(sweep.repeats)]
-                model = phase_model(shape, backend, conv, algorithm, steps, sweep.adjoint_steps)
+                fused = conv == "fft" and _mix_kernel(sweep.device, torch.float32) is not None
+                model = phase_model(shape, backend, conv, algorithm, steps, sweep.adjoint_steps, fused)
                 print(f"{backend}/{conv} {algorithm} N={steps} K={sweep.adjoint_steps}:")
                 for phase in PHASES:
                     if phase not in model:

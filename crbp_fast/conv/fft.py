@@ -32,6 +32,16 @@ size is the cost of the mix). The forward mix multiplies "doubled" input rows, [
 [xi, xr] per sample, by S, which gives [Re y^; Im y^]; the adjoint multiplies [Re y^; Im y^]
 by S^T and adds the four blocks it gives into Re and Im (:func:`_mix_adjoint`).
 
+Mix kernel. Where a fused kernel is available (the native C++ one on CPU;
+``CRBP_FAST_FFT_MIX`` = ``auto``, ``torch``, ``native`` or ``triton`` picks), the mix runs
+instead on the transform's own layout, with no transpose, stack or doubled rows:
+:func:`spectral_mix` over the (B, X, P) spectrum, P = M (N/2 + 1) frequencies in rfft2 order
+(u, v), against a second layout of the spectrum, (ceil(P / 32), O, C, 2, 32) real (tiles of 32
+frequencies, real parts then imaginary parts; :func:`mix_layout`), kept beside S for the same
+lifetime. The autograd paths (the spectrum gradient) still use S and the batched matmul. On CUDA
+``auto`` keeps the batched matmul (cuBLAS): the CUDA and Triton mix kernels are compiled and
+tested but not yet timed against it on a GPU.
+
 Weight gradient. With G = dL/dRe z + i dL/dIm z for the mixed spectrum z = K^ x^ (G is the
 rfft2 of the output gradient times w_v / (M N), w_v = 1 at v = 0 and v = N / 2, else 2: the
 adjoint of the half-spectrum inverse), dL/dK^[o, c] = sum_b G[b, o] conj(x^[b, c]) (and for the
@@ -71,6 +81,7 @@ code runs on CUDA (cuFFT through ``torch.fft``).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -213,7 +224,9 @@ def _mix_adjoint(p: Tensor, spectrum: Tensor, batch: int, m: int) -> Tensor:
 
 def _inverse(z: Tensor, shape: tuple[int, int], height: int, width: int) -> Tensor:
     """irfft2(z, s=shape)[..., :H, :W]: the row ifft, then the c2r transform of the H kept rows."""
-    rows = torch.fft.ifft(z, dim=-2)[..., :height, :]
+    # The row ifft's output is column-major; made contiguous before the c2r (which would copy
+    # it anyway, more slowly: 18.7 against 25.1 ms at B4-C25-160x81, one thread).
+    rows = torch.fft.ifft(z, dim=-2)[..., :height, :].contiguous()
     return torch.fft.irfft(rows, n=shape[1], dim=-1)[..., :width].contiguous()
 
 
@@ -232,6 +245,112 @@ def _scaled(rows: Tensor, weights: Tensor) -> Tensor:
     f, r, x = rows.shape
     nh = weights.shape[0]
     return (rows.reshape(nh, (f // nh) * r, x) * weights).reshape(f, r, x)
+
+
+#: Frequencies per tile of :func:`mix_layout` (the fused mix kernels' tile; csrc/hgru.h kSpectralMixLanes).
+MIX_LANES = 32
+MIX_KERNELS = ("auto", "torch", "native", "triton")
+MIX_ENV_VAR = "CRBP_FAST_FFT_MIX"
+
+
+def mix_layout(spectrum: Tensor, shape: tuple[int, int]) -> Tensor:
+    """S (F, 2C, O), F ordered (v, u), as the fused mix's layout (ceil(P / 32), O, C, 2, 32):
+    entry [t, o, c, s, l] is Re (s = 0) or Im (s = 1) of K^[o, c] at frequency p = 32 t + l in
+    rfft2 order (p = u (N/2 + 1) + v), zero past P = M (N/2 + 1)."""
+    m, n = shape
+    nh = n // 2 + 1
+    f, two_c, out_ch = spectrum.shape
+    in_ch = two_c // 2
+    if f != m * nh or two_c % 2:
+        raise ValueError(f"spectrum: expected shape ({m * nh}, 2C, O) for FFT size {shape}, got {tuple(spectrum.shape)}")
+    planes = m * nh
+    tiles = -(-planes // MIX_LANES)
+    k = spectrum.reshape(nh, m, 2, in_ch, out_ch).permute(1, 0, 4, 3, 2).reshape(planes, out_ch, in_ch, 2)
+    if tiles * MIX_LANES != planes:
+        k = torch.cat((k, k.new_zeros(tiles * MIX_LANES - planes, out_ch, in_ch, 2)))
+    return k.reshape(tiles, MIX_LANES, out_ch, in_ch, 2).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def spectral_mix(z: Tensor, layout: Tensor, transpose: bool = False) -> Tensor:
+    """The channel mix on the transform's layout, reference (plain torch ops): z complex
+    (B, X, P); ``layout`` from :func:`mix_layout`. Returns sum_c K^[o, c] z[b, c] (B, O, P), or
+    with ``transpose`` sum_o conj(K^[o, c]) z[b, o] (B, C, P). The fused kernels
+    (:func:`crbp_fast.hgru.native.hgru.spectral_mix`, :func:`crbp_fast.hgru.triton.hgru.spectral_mix`)
+    compute the same on ``torch.view_as_real`` of z."""
+    planes = z.shape[-1]
+    tiles, out_ch, in_ch = layout.shape[:3]
+    k = torch.view_as_complex(layout.permute(1, 2, 0, 4, 3).contiguous()).reshape(out_ch, in_ch, tiles * MIX_LANES)
+    k = k[..., :planes]
+    if transpose:
+        return torch.einsum("ocp,bop->bcp", k.conj(), z)
+    return torch.einsum("ocp,bcp->bop", k, z)
+
+
+def mix_layout_inverse(layout: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The inverse of :func:`mix_layout`: (ceil(P / 32), O, C, 2, 32) -> S (F, 2C, O)."""
+    m, n = shape
+    nh = n // 2 + 1
+    tiles, out_ch, in_ch = layout.shape[:3]
+    k = layout.permute(0, 4, 1, 2, 3).reshape(tiles * MIX_LANES, out_ch, in_ch, 2)[: m * nh]
+    return k.reshape(m, nh, out_ch, in_ch, 2).permute(1, 0, 4, 3, 2).reshape(nh * m, 2 * in_ch, out_ch)
+
+
+def spectral_outer(p: Tensor, q: Tensor, rows: int) -> Tensor:
+    """The spectrum gradient's product, reference (plain torch ops): p complex (B, O, P), q
+    complex (B, C, P), P = M (N/2 + 1) frequencies in rfft2 order, ``rows`` = M -> S-layout
+    (F, 2C, O) of D[o, c] = sum_b p[b, o] conj(q[b, c]) (Re in rows s = 0, Im in s = 1). For a
+    forward conv dL/dS = spectral_outer(G, x^); for the adjoint conv spectral_outer(y^, G)
+    (module docstring: G, the output gradient's rfft2 weighted by w_v / (M N))."""
+    d = torch.view_as_real(torch.einsum("bop,bcp->ocp", p, q.conj()))  # (O, C, P, 2)
+    out_ch, in_ch, planes = d.shape[:3]
+    cols = planes // rows
+    return d.reshape(out_ch, in_ch, rows, cols, 2).permute(3, 2, 4, 1, 0).reshape(planes, 2 * in_ch, out_ch)
+
+
+class MixKernel(NamedTuple):
+    """A fused implementation of :func:`spectral_mix` and :func:`spectral_outer` on real views."""
+
+    name: str
+    mix: object  # (z (B, X, P, 2), layout, transpose) -> (B, Y, P, 2)
+    outer: object  # (p (B, O, P, 2), q (B, C, P, 2), rows M) -> S (F, 2C, O)
+
+
+def _mix_kernel(device: torch.device, dtype: torch.dtype) -> MixKernel | None:
+    """The fused mix for tensors on ``device`` in ``dtype`` (float32 / float64), or None for
+    the batched-matmul path; ``CRBP_FAST_FFT_MIX`` overrides ``auto``."""
+    choice = os.environ.get(MIX_ENV_VAR, "auto") or "auto"
+    if choice not in MIX_KERNELS:
+        raise ValueError(f"{MIX_ENV_VAR}: expected one of {MIX_KERNELS}, got {choice!r}")
+    if choice == "torch" or dtype not in (torch.float32, torch.float64):
+        return None
+    if choice == "auto":
+        choice = "native" if device.type == "cpu" else "torch"
+        if choice == "torch":
+            return None
+    if choice == "native":
+        try:
+            from ..hgru.native import hgru as native_hgru
+        except ImportError as err:
+            if os.environ.get(MIX_ENV_VAR):
+                raise RuntimeError(f"{MIX_ENV_VAR}=native but the native extension cannot be imported: {err}") from None
+            return None
+        if device.type == "cuda" and not native_hgru._C.with_cuda():
+            raise RuntimeError(f"{MIX_ENV_VAR}=native on {device} but the extension was built without CUDA")
+        if device.type not in ("cpu", "cuda"):
+            return None
+        return MixKernel("native", native_hgru.spectral_mix, native_hgru.spectral_outer)
+    # triton
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{MIX_ENV_VAR}=triton needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
+    from ..hgru.triton import hgru as triton_hgru
+    return MixKernel("triton", triton_hgru.spectral_mix, triton_hgru.spectral_outer)
+
+
+def _fused_mixed(z: Tensor, layout: Tensor, transpose: bool, kernel) -> Tensor:
+    """The fused mix of the complex rfft2 output z (B, X, M, Nh): complex (B, Y, M, Nh)."""
+    b, x, m, nh = z.shape
+    out = kernel.mix(torch.view_as_real(z).reshape(b, x, m * nh, 2), layout, transpose)
+    return torch.view_as_complex(out).reshape(b, -1, m, nh)
 
 
 def correlate(x: Tensor, spectrum: Tensor, shape: tuple[int, int], transpose: bool = False) -> Tensor:
@@ -277,17 +396,26 @@ class _Correlate(torch.autograd.Function):
     the spectrum gradient from the rows of the forward's transform (saved) and of the gradient's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, spectrum: Tensor, shape: tuple[int, int], transpose: bool) -> Tensor:
+    def forward(ctx, x: Tensor, spectrum: Tensor, shape: tuple[int, int], transpose: bool,
+                layout: Tensor | None = None, kernel=None) -> Tensor:
         b, _, h, w = x.shape
         z = torch.fft.rfft2(x, s=shape)
-        rows = _rows(z) if transpose else _doubled_rows(z)
-        if transpose:
+        needs_rows = ctx.needs_input_grad[1]
+        # The spectrum gradient needs the input's transform: as rows for the batched matmul, as
+        # it is for the fused outer product.
+        rows = (_rows(z) if transpose else _doubled_rows(z)) if (needs_rows or kernel is None) else None
+        if kernel is not None and needs_rows:
+            rows = z
+        if kernel is not None:
+            mixed = _fused_mixed(z, layout, transpose, kernel)
+        elif transpose:
             mixed = _mix_adjoint(rows, spectrum, b, shape[0])
         else:
             mixed = _mix(rows, spectrum, b, shape[0])
         ctx.shape, ctx.transpose = shape, transpose
+        ctx.layout, ctx.kernel = layout, kernel
         ctx.spectrum_node = spectrum.grad_fn
-        ctx.save_for_backward(x, spectrum, rows if ctx.needs_input_grad[1] else None)
+        ctx.save_for_backward(x, spectrum, rows if needs_rows else None)
         ctx.save_for_forward(x, spectrum)
         return _inverse(mixed, shape, h, w)
 
@@ -308,31 +436,41 @@ class _Correlate(torch.autograd.Function):
         x, spectrum, rows = ctx.saved_tensors
         shape, transpose = ctx.shape, ctx.transpose
         grad = grad.contiguous()
+        layout, kernel = ctx.layout, ctx.kernel
         if torch.is_grad_enabled():  # create_graph: differentiable all the way
-            gx = _Correlate.apply(grad, spectrum, shape, not transpose) if ctx.needs_input_grad[0] else None
+            gx = _Correlate.apply(grad, spectrum, shape, not transpose, layout, kernel) if ctx.needs_input_grad[0] else None
             # The LCP's first backward asks for d/dh only: the spectrum's node will not run, so
             # its gradient (a recorded (F, 2C, O) product) would be built for nothing.
             node = ctx.spectrum_node
             wanted = ctx.needs_input_grad[1] and (node is None or _will_run(node))
             gs = spectrum_gradient(x, grad, shape, transpose) if wanted else None
-            return gx, gs, None, None
+            return gx, gs, None, None, None, None
         b, _, h, w = grad.shape
         zg = torch.fft.rfft2(grad, s=shape)
         gx = gs = None
         weights = _grad_weights(shape, grad.dtype, grad.device)
-        if transpose:  # the opposite conv is the forward one: doubled rows of the gradient
-            g_rows = _doubled_rows(zg)
+        if kernel is not None:
             if ctx.needs_input_grad[0]:
+                gx = _inverse(_fused_mixed(zg, layout, not transpose, kernel), shape, h, w)
+            if ctx.needs_input_grad[1]:
+                gw = torch.view_as_real(zg * weights.reshape(-1))  # (B, Y, M, Nh, 2)
+                zx = torch.view_as_real(rows)
+                gw, zx = gw.reshape(b, gw.shape[1], -1, 2), zx.reshape(b, zx.shape[1], -1, 2)
+                gs = kernel.outer(zx, gw, shape[0]) if transpose else kernel.outer(gw, zx, shape[0])
+            return gx, gs, None, None, None, None
+        if transpose:  # the opposite conv is the forward one: doubled rows of the gradient
+            g_rows = _doubled_rows(zg) if ctx.needs_input_grad[1] or gx is None else None
+            if ctx.needs_input_grad[0] and gx is None:
                 gx = _inverse(_mix(g_rows, spectrum, b, shape[0]), shape, h, w)
             if ctx.needs_input_grad[1]:
                 gs = torch.bmm(_scaled(g_rows, weights).mT, rows)
         else:
-            g_rows = _rows(zg)
-            if ctx.needs_input_grad[0]:
+            g_rows = _rows(zg) if ctx.needs_input_grad[1] or gx is None else None
+            if ctx.needs_input_grad[0] and gx is None:
                 gx = _inverse(_mix_adjoint(g_rows, spectrum, b, shape[0]), shape, h, w)
             if ctx.needs_input_grad[1]:
                 gs = torch.bmm(rows.mT, _scaled(g_rows, weights))
-        return gx, gs, None, None
+        return gx, gs, None, None, None, None
 
 
 class _SpectrumOfWeight(torch.autograd.Function):
@@ -469,6 +607,8 @@ class FFTConv:
 
     def __init__(self):
         self._cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # base spectrum -> its mix_layout, living exactly as long as the spectrum it was made from
+        self._layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._hits = 0
         self._misses = 0
 
@@ -501,7 +641,15 @@ class FFTConv:
     def spectrum(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """The spectrum of ``weight``'s current values at FFT size ``shape`` in ``dtype`` (no graph):
         the active scope's, else a cached one if the weight still equals its copy, else computed."""
-        return self._lookup(weight, shape, dtype, track=False)
+        return self._lookup(weight, shape, dtype, track=False)[0]
+
+    def _layout(self, base: Tensor, shape: tuple[int, int]) -> Tensor:
+        """:func:`mix_layout` of a cached or pinned spectrum, made once per spectrum."""
+        layout = self._layouts.get(base)
+        if layout is None:
+            with torch.inference_mode(False), torch.no_grad():
+                layout = self._layouts[base] = mix_layout(base, shape)
+        return layout
 
     def _compute(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         self._misses += 1
@@ -530,12 +678,14 @@ class FFTConv:
             entry.spectra.popitem(last=False)
         return spec
 
-    def _lookup(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype, track: bool) -> Tensor:
-        """The spectrum, linked to ``weight`` for autograd when ``track`` (one node per weight and scope)."""
+    def _lookup(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype,
+                track: bool) -> tuple[Tensor, Tensor]:
+        """(the spectrum, linked to ``weight`` for autograd when ``track`` (one node per weight
+        and scope); the same spectrum without the link)."""
         scope = _active_scope()
         if scope is None:
             spec = self._cached(weight, shape, dtype)
-            return _SpectrumOfWeight.apply(weight, spec, shape) if track else spec
+            return (_SpectrumOfWeight.apply(weight, spec, shape) if track else spec), spec
         key = (id(weight), shape, dtype, weight.device)
         pin = scope._pinned.get(key)
         if pin is None or pin[0]() is not weight:
@@ -543,10 +693,10 @@ class FFTConv:
         else:
             self._hits += 1
         if not track:
-            return pin[1]
+            return pin[1], pin[1]
         if pin[2] is None:
             pin[2] = _SpectrumOfWeight.apply(weight, pin[1], shape)
-        return pin[2]
+        return pin[2], pin[1]
 
     def cache_info(self) -> CacheInfo:
         """Hits and misses since the last :meth:`clear_cache`, and the weights held."""
@@ -555,6 +705,7 @@ class FFTConv:
     def clear_cache(self) -> None:
         """Drop every cached spectrum (outside scopes) and reset the counters."""
         self._cache = WeakIdKeyDictionary()
+        self._layouts = WeakIdKeyDictionary()
         self._hits = self._misses = 0
 
     def _run(self, arg: str, x: Tensor, weight: Tensor, transpose: bool) -> Tensor:
@@ -584,21 +735,23 @@ class FFTConv:
             out_dtype = torch.get_autocast_dtype(device_type)
         shape = fft_shape(height, width, kh)
         track = torch.is_grad_enabled() and weight.requires_grad
-        spec = self._lookup(weight, shape, dtype, track)
+        spec, base = self._lookup(weight, shape, dtype, track)
+        kernel = _mix_kernel(x.device, dtype)
+        layout = self._layout(base, shape) if kernel is not None else None
         with torch.autocast(device_type, enabled=False):
             xc = x.to(dtype).contiguous()
             if (torch.is_grad_enabled() and (track or xc.requires_grad)) or _has_tangent(xc):
-                out = _Correlate.apply(xc, spec, shape, transpose)
+                out = _Correlate.apply(xc, spec, shape, transpose, layout, kernel)
             else:
                 with torch.no_grad():
-                    out = _Correlate.forward(_NoCtx, xc, spec, shape, transpose)
+                    out = _Correlate.forward(_NoCtx(), xc, spec, shape, transpose, layout, kernel)
         return out.to(out_dtype)
 
 
 class _NoCtx:
     """Stands in for autograd's ctx when :class:`_Correlate`'s forward runs without a graph."""
 
-    needs_input_grad = (False, False, False, False)
+    needs_input_grad = (False, False, False, False, False, False)
 
     @staticmethod
     def save_for_backward(*tensors) -> None:
@@ -611,5 +764,5 @@ FFT = FFTConv()
 
 __all__ = [
     "FFT", "CacheInfo", "FFTConv", "SpectraScope", "compute_dtype", "correlate", "fft_shape",
-    "kernel_spectrum", "kernel_spectrum_adjoint", "smooth_size", "spectrum_gradient",
+    "kernel_spectrum", "kernel_spectrum_adjoint", "mix_layout", "smooth_size", "spectral_mix", "spectrum_gradient",
 ]

@@ -8,6 +8,7 @@
 // per-(b, c) affine apply fused into the pass that consumes the conv output.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -514,6 +515,62 @@ Tensor vjp_gate_inh(const Tensor& dhg, const Tensor& dh, const Tensor& g1, const
     });
   });
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The FFT conv's channel mix
+
+Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const Tensor& out_buffer) {
+  static_assert(kMixLanes == kSpectralMixLanes, "the kernel's tile is the layout's");
+  const int64_t batch = z.size(0), nx = z.size(1), planes = z.size(2);
+  const int64_t ny = transpose ? spec.size(2) : spec.size(1);
+  const int64_t tiles = spec.size(0);
+  // alloc_output of an expanded one-element tensor: one allocation (NaN-filled under the debug flag).
+  Tensor out = out_buffer.defined() ? out_buffer : alloc_output(at::empty({1}, z.options()).expand({batch, ny, planes, 2}));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "spectral_mix", [&] {
+    using T = scalar_t;
+    const auto& k = kernels<T>();
+    const int64_t block = spec.size(1) * spec.size(2) * 2 * kMixLanes;
+    const int64_t scratch_size = 2 * kMixLanes * (std::min(batch, kMixBatch) * nx + kMixBatch);
+    const T* zp = z.const_data_ptr<T>();
+    const T* sp = spec.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(static_cast<size_t>(scratch_size));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p0 = t * kMixLanes;
+        const SpectralMixArgs<T> a{zp, sp + t * block, op, batch, nx, ny, planes, p0,
+                                   std::min(kMixLanes, planes - p0), transpose};
+        k.spectral_mix(a, scratch.data());
+      }
+    });
+  });
+  return out;
+}
+
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
+  const int64_t batch = p.size(0), no = p.size(1), nc = q.size(1), planes = p.size(2);
+  const int64_t tiles = (planes + kMixLanes - 1) / kMixLanes;
+  const int64_t cols = planes / rows;
+  Tensor d = alloc_output(at::empty({1}, p.options()).expand({planes, 2 * nc, no}));
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "spectral_outer", [&] {
+    using T = scalar_t;
+    const auto& k = kernels<T>();
+    const int64_t scratch_size = 2 * kMixLanes * std::min(batch, kMixBatch) * (no + nc);
+    const T* pp = p.const_data_ptr<T>();
+    const T* qp = q.const_data_ptr<T>();
+    T* dp = d.mutable_data_ptr<T>();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(static_cast<size_t>(scratch_size));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p0 = t * kMixLanes;
+        const SpectralOuterArgs<T> a{pp, qp, dp, batch, no, nc, planes, rows, cols, p0,
+                                     std::min(kMixLanes, planes - p0)};
+        k.spectral_outer(a, scratch.data());
+      }
+    });
+  });
+  return d;
 }
 
 }  // namespace crbp::cpu

@@ -119,6 +119,40 @@ struct VjpGateInhArgs {
   const T* w_t;  // (C, C) U1 transposed
 };
 
+// The FFT conv's channel mix on one tile of kMixLanes frequencies (crbp_fast/conv/fft.py,
+// spectral_mix): out[b, y, p] = sum_x K[y, x, p] z[b, x, p] (forward, K[o, c] with y = o, x = c)
+// or sum_x conj(K[x, y, p]) z[b, x, p] (transpose, y = c, x = o), complex numbers interleaved
+// (re, im) in z and out, which are (B, X, P, 2) and (B, Y, P, 2); `spec` points at this tile's
+// (O, C, 2, kMixLanes) block of the kernel spectrum (real parts, then imaginary parts).
+constexpr std::int64_t kMixLanes = 32;
+// Samples whose deinterleaved tile sits in the scratch at once.
+constexpr std::int64_t kMixBatch = 8;
+
+template <typename T>
+struct SpectralMixArgs {
+  const T* z;     // (B, X, P, 2)
+  const T* spec;  // (O, C, 2, kMixLanes) of this tile
+  T* out;         // (B, Y, P, 2)
+  std::int64_t batch, in_ch, out_ch, planes;  // B, X, Y, P
+  std::int64_t p0, n;                         // first frequency of the tile, valid ones (<= kMixLanes)
+  bool transpose;
+};
+
+// The spectrum gradient of the FFT conv on one tile (crbp_fast/conv/fft.py, spectral_outer):
+// D[o, c] = sum_b p[b, o, f] conj(q[b, c, f]) for the n frequencies f = p0 + t of the tile,
+// p (B, O, P, 2) and q (B, C, P, 2) interleaved, written in the spectrum's own layout
+// S (F, 2C, O): frequency f = u Nh + v (rfft2 order) is row v M + u, Re D at column block 0,
+// Im D at block 1.
+template <typename T>
+struct SpectralOuterArgs {
+  const T* p;
+  const T* q;
+  T* d;  // (F, 2C, O)
+  std::int64_t batch, out_ch, in_ch, planes;  // B, O, C, P
+  std::int64_t rows, cols;                    // M, Nh (P = M Nh)
+  std::int64_t p0, n;
+};
+
 // Tile kernels take `scratch`: 2 * channels * kTile<T> elements that they may overwrite.
 template <typename T>
 struct KernelTable {
@@ -139,6 +173,10 @@ struct KernelTable {
   void (*vjp_inhibit)(const VjpInhibitArgs<T>& a, std::int64_t n);
   void (*vjp_gate_inh)(const VjpGateInhArgs<T>& a, std::int64_t channels, std::int64_t hw, std::int64_t n,
                        T* scratch);
+  // scratch: 2 * kMixLanes * (min(B, kMixBatch) * X + kMixBatch) elements.
+  void (*spectral_mix)(const SpectralMixArgs<T>& a, T* scratch);
+  // scratch: 2 * kMixLanes * min(B, kMixBatch) * (O + C) elements.
+  void (*spectral_outer)(const SpectralOuterArgs<T>& a, T* scratch);
 };
 
 namespace base {

@@ -398,11 +398,153 @@ void vjp_gate_inh(const VjpGateInhArgs<T>& a, int64_t channels, int64_t hw, int6
   }
 }
 
+// Accumulates one input channel of one sample into the (re, im) accumulators of one output
+// channel: a += k z (CONJ false) or a += conj(k) z (CONJ true), over kMixLanes frequencies.
+template <typename T, bool CONJ>
+inline void mix_lanes(const T* kr, const T* ki, const T* zr, const T* zi, T* ar, T* ai) {
+  constexpr int64_t L = kMixLanes;
+  if (CONJ) {
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) {
+      ar[t] += kr[t] * zr[t] + ki[t] * zi[t];
+      ai[t] += kr[t] * zi[t] - ki[t] * zr[t];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) {
+      ar[t] += kr[t] * zr[t] - ki[t] * zi[t];
+      ai[t] += kr[t] * zi[t] + ki[t] * zr[t];
+    }
+  }
+}
+
+template <typename T, bool CONJ>
+inline void spectral_mix_impl(const SpectralMixArgs<T>& a, T* scratch) {
+  constexpr int64_t L = kMixLanes;
+  const int64_t nx = a.in_ch, ny = a.out_ch;
+  // K[o, c] blocks: forward reads K[y, x] (C = X), transpose K[x, y] (C = Y).
+  const int64_t stride_y = CONJ ? 2 * L : nx * 2 * L;
+  const int64_t stride_x = CONJ ? ny * 2 * L : 2 * L;
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kMixBatch) {
+    const int64_t nb = a.batch - b0 < kMixBatch ? a.batch - b0 : kMixBatch;
+    // Deinterleave the tile of every (sample, input channel), zero past n.
+    for (int64_t bb = 0; bb < nb; ++bb) {
+      for (int64_t x = 0; x < nx; ++x) {
+        const T* src = a.z + (((b0 + bb) * nx + x) * a.planes + a.p0) * 2;
+        T* zr = scratch + (bb * nx + x) * 2 * L;
+        T* zi = zr + L;
+        for (int64_t t = 0; t < a.n; ++t) {
+          zr[t] = src[2 * t];
+          zi[t] = src[2 * t + 1];
+        }
+        for (int64_t t = a.n; t < L; ++t) zr[t] = zi[t] = T(0);
+      }
+    }
+    T* acc = scratch + nb * nx * 2 * L;
+    for (int64_t y = 0; y < ny; ++y) {
+      for (int64_t t = 0; t < nb * 2 * L; ++t) acc[t] = T(0);
+      for (int64_t x = 0; x < nx; ++x) {
+        const T* kr = a.spec + y * stride_y + x * stride_x;
+        const T* ki = kr + L;
+        for (int64_t bb = 0; bb < nb; ++bb) {
+          const T* zr = scratch + (bb * nx + x) * 2 * L;
+          mix_lanes<T, CONJ>(kr, ki, zr, zr + L, acc + bb * 2 * L, acc + bb * 2 * L + L);
+        }
+      }
+      for (int64_t bb = 0; bb < nb; ++bb) {
+        T* dst = a.out + (((b0 + bb) * ny + y) * a.planes + a.p0) * 2;
+        const T* ar = acc + bb * 2 * L;
+        const T* ai = ar + L;
+        for (int64_t t = 0; t < a.n; ++t) {
+          dst[2 * t] = ar[t];
+          dst[2 * t + 1] = ai[t];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void spectral_mix(const SpectralMixArgs<T>& a, T* scratch) {
+  if (a.transpose) {
+    spectral_mix_impl<T, true>(a, scratch);
+  } else {
+    spectral_mix_impl<T, false>(a, scratch);
+  }
+}
+
+// Copies n interleaved complex values into planar (re, im) rows of kMixLanes, zero past n.
+template <typename T>
+inline void deinterleave(const T* src, int64_t n, T* re, T* im) {
+  for (int64_t t = 0; t < n; ++t) {
+    re[t] = src[2 * t];
+    im[t] = src[2 * t + 1];
+  }
+  for (int64_t t = n; t < kMixLanes; ++t) re[t] = im[t] = T(0);
+}
+
+template <typename T>
+void spectral_outer(const SpectralOuterArgs<T>& a, T* scratch) {
+  constexpr int64_t L = kMixLanes;
+  const int64_t no = a.out_ch, nc = a.in_ch;
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kMixBatch) {
+    const int64_t nb = a.batch - b0 < kMixBatch ? a.batch - b0 : kMixBatch;
+    T* ps = scratch;                  // (nb, O, 2, L)
+    T* qs = scratch + nb * no * 2 * L;  // (nb, C, 2, L)
+    for (int64_t bb = 0; bb < nb; ++bb) {
+      for (int64_t o = 0; o < no; ++o) {
+        T* r = ps + (bb * no + o) * 2 * L;
+        deinterleave(a.p + (((b0 + bb) * no + o) * a.planes + a.p0) * 2, a.n, r, r + L);
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        T* r = qs + (bb * nc + c) * 2 * L;
+        deinterleave(a.q + (((b0 + bb) * nc + c) * a.planes + a.p0) * 2, a.n, r, r + L);
+      }
+    }
+    // The destination row of each lane's frequency in S.
+    int64_t row[L];
+    for (int64_t t = 0; t < a.n; ++t) {
+      const int64_t f = a.p0 + t;
+      row[t] = ((f % a.cols) * a.rows + f / a.cols) * 2 * nc * no;
+    }
+    for (int64_t o = 0; o < no; ++o) {
+      for (int64_t c = 0; c < nc; ++c) {
+        T ar[L], ai[L];
+        for (int64_t t = 0; t < L; ++t) ar[t] = ai[t] = T(0);
+        for (int64_t bb = 0; bb < nb; ++bb) {
+          const T* pr = ps + (bb * no + o) * 2 * L;
+          const T* pi = pr + L;
+          const T* qr = qs + (bb * nc + c) * 2 * L;
+          const T* qi = qr + L;
+#pragma omp simd
+          for (int64_t t = 0; t < L; ++t) {
+            ar[t] += pr[t] * qr[t] + pi[t] * qi[t];
+            ai[t] += pi[t] * qr[t] - pr[t] * qi[t];
+          }
+        }
+        T* dre = a.d + c * no + o;
+        T* dim = dre + nc * no;
+        if (b0 == 0) {
+          for (int64_t t = 0; t < a.n; ++t) {
+            dre[row[t]] = ar[t];
+            dim[row[t]] = ai[t];
+          }
+        } else {
+          for (int64_t t = 0; t < a.n; ++t) {
+            dre[row[t]] += ar[t];
+            dim[row[t]] += ai[t];
+          }
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 constexpr KernelTable<T> kTable{
     CRBP_STR(CRBP_ISA), &moments<T>,       &dot_sums<T>,    &normalize<T>,      &norm_vjp_apply<T>,
     &gate_inh<T>,       &inhibit<T>,       &excite_mix<T>,  &vjp_excite_mix<T>, &vjp_inhibit<T>,
-    &vjp_gate_inh<T>,
+    &vjp_gate_inh<T>,   &spectral_mix<T>,  &spectral_outer<T>,
 };
 
 }  // namespace

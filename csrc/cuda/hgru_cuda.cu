@@ -646,4 +646,131 @@ Tensor vjp_gate_inh(const Tensor& dhg, const Tensor& dh, const Tensor& g1, const
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The FFT conv's channel mix (crbp_fast/conv/fft.py, spectral_mix). One warp per (tile, y, b):
+// lane t owns frequency p0 + t, so each spectrum row K[o, c, :, tile] of 32 values is one
+// coalesced load; the sum over the X input channels runs in registers.
+
+namespace {
+
+template <typename T, bool CONJ>
+__global__ void spectral_mix_kernel(const T* __restrict__ z, const T* __restrict__ spec, T* __restrict__ out,
+                                    int batch, int nx, int ny, std::int64_t planes) {
+  constexpr int L = static_cast<int>(kSpectralMixLanes);
+  const int lane = threadIdx.x;
+  const int y = blockIdx.y * blockDim.y + threadIdx.y;
+  const std::int64_t tile = blockIdx.x;
+  const int b = blockIdx.z;
+  if (y >= ny) return;
+  const std::int64_t p = tile * L + lane;
+  const bool valid = p < planes;
+  // K[o, c] blocks: forward reads K[y, x] (C = X), transpose K[x, y] (C = Y).
+  const std::int64_t block = static_cast<std::int64_t>(nx) * ny * 2 * L;
+  const T* k = spec + tile * block + lane;
+  const std::int64_t stride_y = CONJ ? 2 * L : static_cast<std::int64_t>(nx) * 2 * L;
+  const std::int64_t stride_x = CONJ ? static_cast<std::int64_t>(ny) * 2 * L : 2 * L;
+  T ar = T(0), ai = T(0);
+  for (int x = 0; x < nx; ++x) {
+    const T* kk = k + y * stride_y + x * stride_x;
+    const T kr = kk[0], ki = kk[L];
+    T zr = T(0), zi = T(0);
+    if (valid) {
+      const T* zz = z + ((static_cast<std::int64_t>(b) * nx + x) * planes + p) * 2;
+      zr = zz[0];
+      zi = zz[1];
+    }
+    if (CONJ) {
+      ar += kr * zr + ki * zi;
+      ai += kr * zi - ki * zr;
+    } else {
+      ar += kr * zr - ki * zi;
+      ai += kr * zi + ki * zr;
+    }
+  }
+  if (valid) {
+    T* o = out + ((static_cast<std::int64_t>(b) * ny + y) * planes + p) * 2;
+    o[0] = ar;
+    o[1] = ai;
+  }
+}
+
+}  // namespace
+
+Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const Tensor& out_buffer) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const std::int64_t batch = z.size(0), nx = z.size(1), planes = z.size(2);
+  const std::int64_t ny = transpose ? spec.size(2) : spec.size(1);
+  const std::int64_t tiles = spec.size(0);
+  Tensor out = out_buffer.defined() ? out_buffer : alloc_output(at::empty({1}, z.options()).expand({batch, ny, planes, 2}));
+  TORCH_CHECK(tiles < (1LL << 31) && batch <= 65535, "spectral_mix: grid too large (", tiles, " tiles, batch ",
+              batch, ")");
+  constexpr int kWarpsPerBlock = 4;
+  const dim3 block(static_cast<unsigned>(kSpectralMixLanes), kWarpsPerBlock);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((ny + kWarpsPerBlock - 1) / kWarpsPerBlock),
+                  static_cast<unsigned>(batch));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "spectral_mix", [&] {
+    using T = scalar_t;
+    if (transpose) {
+      spectral_mix_kernel<T, true><<<grid, block, 0, stream()>>>(
+          z.const_data_ptr<T>(), spec.const_data_ptr<T>(), out.mutable_data_ptr<T>(), static_cast<int>(batch),
+          static_cast<int>(nx), static_cast<int>(ny), planes);
+    } else {
+      spectral_mix_kernel<T, false><<<grid, block, 0, stream()>>>(
+          z.const_data_ptr<T>(), spec.const_data_ptr<T>(), out.mutable_data_ptr<T>(), static_cast<int>(batch),
+          static_cast<int>(nx), static_cast<int>(ny), planes);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+namespace {
+
+// One warp per (tile, o, c): lane t sums over the batch at frequency p0 + t and writes S's
+// row of that frequency (u Nh + v -> v M + u).
+template <typename T>
+__global__ void spectral_outer_kernel(const T* __restrict__ p, const T* __restrict__ q, T* __restrict__ d, int batch,
+                                      int no, int nc, std::int64_t planes, std::int64_t rows) {
+  constexpr int L = static_cast<int>(kSpectralMixLanes);
+  const int lane = threadIdx.x;
+  const int pair = blockIdx.y * blockDim.y + threadIdx.y;
+  if (pair >= no * nc) return;
+  const int o = pair / nc, c = pair % nc;
+  const std::int64_t f = static_cast<std::int64_t>(blockIdx.x) * L + lane;
+  if (f >= planes) return;
+  T ar = T(0), ai = T(0);
+  for (int b = 0; b < batch; ++b) {
+    const T* pp = p + ((static_cast<std::int64_t>(b) * no + o) * planes + f) * 2;
+    const T* qq = q + ((static_cast<std::int64_t>(b) * nc + c) * planes + f) * 2;
+    ar += pp[0] * qq[0] + pp[1] * qq[1];
+    ai += pp[1] * qq[0] - pp[0] * qq[1];
+  }
+  const std::int64_t cols = planes / rows;
+  const std::int64_t row = ((f % cols) * rows + f / cols) * 2 * nc * no;
+  d[row + c * no + o] = ar;
+  d[row + (nc + c) * no + o] = ai;
+}
+
+}  // namespace
+
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
+  const c10::cuda::CUDAGuard guard(p.device());
+  const std::int64_t batch = p.size(0), no = p.size(1), nc = q.size(1), planes = p.size(2);
+  const std::int64_t lanes = kSpectralMixLanes;
+  const std::int64_t tiles = (planes + lanes - 1) / lanes;
+  Tensor d = alloc_output(at::empty({1}, p.options()).expand({planes, 2 * nc, no}));
+  TORCH_CHECK(tiles < (1LL << 31), "spectral_outer: grid too large (", tiles, " tiles)");
+  constexpr int kWarpsPerBlock = 4;
+  const dim3 block(static_cast<unsigned>(lanes), kWarpsPerBlock);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((no * nc + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "spectral_outer", [&] {
+    using T = scalar_t;
+    spectral_outer_kernel<T><<<grid, block, 0, stream()>>>(p.const_data_ptr<T>(), q.const_data_ptr<T>(),
+                                                           d.mutable_data_ptr<T>(), static_cast<int>(batch),
+                                                           static_cast<int>(no), static_cast<int>(nc), planes, rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return d;
+}
+
 }  // namespace crbp::cuda

@@ -71,3 +71,12 @@ def test_rows_stored_before_the_phase_fields_still_read():
     for name in ("phase", "bytes_moved", "flops"):
         del data[name]
     assert Record.from_dict(data).phase is None
+
+
+def test_phase_model_fused_mix_moves_fewer_bytes():
+    shape = Shape(2, 5, 24, 24, 5)
+    plain = phase_model(shape, "native", "fft", "crbp", steps=4, adjoint_steps=3)
+    fused = phase_model(shape, "native", "fft", "crbp", steps=4, adjoint_steps=3, fused_mix=True)
+    for phase in plain:
+        assert fused[phase][0] < plain[phase][0]
+        assert fused[phase][1] == plain[phase][1]

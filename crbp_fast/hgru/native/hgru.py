@@ -299,6 +299,23 @@ def vjp(v: Tensor, f: Factors, p: HGRUParams, conv_t: ConvFn = conv_same_transpo
 
 
 # --------------------------------------------------------------------------------------------
+# The FFT conv's channel mix
+
+
+def spectral_mix(z: Tensor, layout: Tensor, transpose: bool = False) -> Tensor:
+    """:func:`crbp_fast.conv.fft.spectral_mix` on real views: z (B, X, P, 2) (``view_as_real``
+    of the complex rfft2 output), ``layout`` from :func:`crbp_fast.conv.fft.mix_layout`;
+    returns (B, Y, P, 2). One pass over the spectrum in tiles of 32 frequencies."""
+    return _C.spectral_mix(z.contiguous(), layout, transpose)
+
+
+def spectral_outer(p: Tensor, q: Tensor, rows: int) -> Tensor:
+    """:func:`crbp_fast.conv.fft.spectral_outer` on real views: p (B, O, P, 2), q (B, C, P, 2)
+    of rfft2 outputs with ``rows`` = M -> S (P, 2C, O) of sum_b p[b, o] conj(q[b, c])."""
+    return _C.spectral_outer(p.contiguous(), q.contiguous(), rows)
+
+
+# --------------------------------------------------------------------------------------------
 # The backend
 
 
@@ -393,5 +410,5 @@ register_backend(Backend(
 
 __all__ = [
     "Factors", "NativeLinearization", "excite_mix", "gate_inh", "inhibit", "linearize", "norm_stats",
-    "norm_vjp", "normalize", "step", "vjp", "vjp_excite_mix", "vjp_gate_inh", "vjp_inhibit",
+    "norm_vjp", "normalize", "spectral_mix", "spectral_outer", "step", "vjp", "vjp_excite_mix", "vjp_gate_inh", "vjp_inhibit",
 ]

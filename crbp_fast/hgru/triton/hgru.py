@@ -268,6 +268,63 @@ def vjp(v: Tensor, f: Factors, p: HGRUParams, conv_t: ConvFn = reference.conv_sa
 # The backend
 
 
+# --------------------------------------------------------------------------------------------
+# The FFT conv's channel mix (crbp_fast/conv/fft.py)
+
+
+def _check_spectrum_view(name: str, t: Tensor) -> None:
+    if t.dim() != 4 or t.shape[3] != 2 or t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name}: expected a float32/float64 (B, X, P, 2) real view of a complex spectrum, "
+                         f"got {t.dtype} {tuple(t.shape)}")
+
+
+def spectral_mix(z: Tensor, layout: Tensor, transpose: bool = False) -> Tensor:
+    """:func:`crbp_fast.conv.fft.spectral_mix` on real views: z (B, X, P, 2), ``layout``
+    (ceil(P / 32), O, C, 2, 32) from :func:`crbp_fast.conv.fft.mix_layout` -> (B, Y, P, 2)."""
+    _check_spectrum_view("z", z)
+    b, nx, planes, _ = z.shape
+    tiles = triton_cdiv(planes, kernels.MIX_LANES)
+    if layout.dim() != 5 or layout.shape[0] != tiles or layout.shape[3:] != (2, kernels.MIX_LANES) \
+            or layout.dtype != z.dtype or layout.device != z.device:
+        raise ValueError(f"layout: expected a {z.dtype} ({tiles}, O, C, 2, {kernels.MIX_LANES}) tensor on {z.device}, "
+                         f"got {layout.dtype} {tuple(layout.shape)} on {layout.device}")
+    want = layout.shape[1] if transpose else layout.shape[2]
+    if nx != want:
+        raise ValueError(f"z: expected {want} channels for transpose={transpose}, got {nx}")
+    ny = layout.shape[2] if transpose else layout.shape[1]
+    z, layout = z.contiguous(), layout.contiguous()
+    out = torch.empty((b, ny, planes, 2), device=z.device, dtype=z.dtype)
+    with ops._on(z):
+        kernels.spectral_mix[(tiles, ny, b)](
+            z, layout, out, nx, ny, planes, CONJ=bool(transpose), L=kernels.MIX_LANES, ACC=ops._tl_acc(z),
+        )
+    return out
+
+
+def spectral_outer(p: Tensor, q: Tensor, rows: int) -> Tensor:
+    """:func:`crbp_fast.conv.fft.spectral_outer` on real views: p (B, O, P, 2), q (B, C, P, 2)
+    of rfft2 outputs with ``rows`` = M -> S (P, 2C, O) of sum_b p[b, o] conj(q[b, c])."""
+    _check_spectrum_view("p", p)
+    _check_spectrum_view("q", q)
+    b, no, planes, _ = p.shape
+    if q.shape[0] != b or q.shape[2] != planes or q.dtype != p.dtype or q.device != p.device:
+        raise ValueError(f"q: expected the batch, frequencies, dtype and device of p {tuple(p.shape)}, got {tuple(q.shape)}")
+    if rows < 1 or planes % rows:
+        raise ValueError(f"rows: expected a positive divisor of P = {planes}, got {rows}")
+    nc = q.shape[1]
+    p, q = p.contiguous(), q.contiguous()
+    d = torch.empty((planes, 2 * nc, no), device=p.device, dtype=p.dtype)
+    with ops._on(p):
+        kernels.spectral_outer[(triton_cdiv(planes, kernels.MIX_LANES), no * nc)](
+            p, q, d, b, no, nc, planes, rows, L=kernels.MIX_LANES, ACC=ops._tl_acc(p),
+        )
+    return d
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _too_wide(x: Tensor) -> bool:
     c = x.shape[1]
     if c <= MAX_CHANNELS:

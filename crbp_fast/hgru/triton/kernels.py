@@ -444,3 +444,75 @@ vjp_excite_mix = _tile(_vjp_excite_mix_kernel)
 norm_vjp = _plane(_norm_vjp_kernel)
 vjp_inhibit = _plane(_vjp_inhibit_kernel)
 vjp_gate_inh = _tile(_vjp_gate_inh_kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# The FFT conv's channel mix and spectrum gradient (crbp_fast/conv/fft.py: spectral_mix,
+# spectral_outer), on real views of the complex spectra. One program per (tile of MIX_LANES
+# frequencies, output channel, sample) resp. (tile, (o, c) pair); no autotuning (the tile is
+# the spectrum layout's).
+
+#: Frequencies per tile: fft_conv.MIX_LANES and csrc/hgru.h kSpectralMixLanes.
+MIX_LANES = 32
+
+
+@triton.jit
+def _spectral_mix_kernel(z, spec, out, X, Y, P, CONJ: tl.constexpr, L: tl.constexpr, ACC: tl.constexpr):
+    tile = tl.program_id(0)
+    y = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    lanes = tl.arange(0, L)
+    p = tile.to(tl.int64) * L + lanes
+    mask = p < P
+    ar = tl.zeros([L], dtype=ACC)
+    ai = tl.zeros([L], dtype=ACC)
+    block = tile.to(tl.int64) * X * Y * 2 * L
+    for x in range(0, X):
+        if CONJ:  # K[x, y]: spec blocks (O = X, C = Y)
+            k = spec + block + (x * Y + y).to(tl.int64) * 2 * L + lanes
+        else:  # K[y, x]: (O = Y, C = X)
+            k = spec + block + (y * X + x).to(tl.int64) * 2 * L + lanes
+        kr = tl.load(k).to(ACC)
+        ki = tl.load(k + L).to(ACC)
+        zp = z + ((b * X + x) * P + p) * 2
+        zr = tl.load(zp, mask=mask, other=0.0).to(ACC)
+        zi = tl.load(zp + 1, mask=mask, other=0.0).to(ACC)
+        if CONJ:
+            ar += kr * zr + ki * zi
+            ai += kr * zi - ki * zr
+        else:
+            ar += kr * zr - ki * zi
+            ai += kr * zi + ki * zr
+    op = out + ((b * Y + y) * P + p) * 2
+    tl.store(op, ar.to(out.dtype.element_ty), mask=mask)
+    tl.store(op + 1, ai.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _spectral_outer_kernel(pp, qq, d, B, O, C, P, ROWS, L: tl.constexpr, ACC: tl.constexpr):
+    tile = tl.program_id(0)
+    pair = tl.program_id(1)
+    o = pair // C
+    c = pair % C
+    lanes = tl.arange(0, L)
+    f = tile.to(tl.int64) * L + lanes
+    mask = f < P
+    ar = tl.zeros([L], dtype=ACC)
+    ai = tl.zeros([L], dtype=ACC)
+    for b in range(0, B):
+        pa = pp + ((b * O + o).to(tl.int64) * P + f) * 2
+        qa = qq + ((b * C + c).to(tl.int64) * P + f) * 2
+        pr = tl.load(pa, mask=mask, other=0.0).to(ACC)
+        pi = tl.load(pa + 1, mask=mask, other=0.0).to(ACC)
+        qr = tl.load(qa, mask=mask, other=0.0).to(ACC)
+        qi = tl.load(qa + 1, mask=mask, other=0.0).to(ACC)
+        ar += pr * qr + pi * qi
+        ai += pi * qr - pr * qi
+    cols = P // ROWS
+    row = ((f % cols) * ROWS + f // cols) * 2 * C * O
+    tl.store(d + row + c * O + o, ar.to(d.dtype.element_ty), mask=mask)
+    tl.store(d + row + (C + c) * O + o, ai.to(d.dtype.element_ty), mask=mask)
+
+
+spectral_mix = _spectral_mix_kernel
+spectral_outer = _spectral_outer_kernel

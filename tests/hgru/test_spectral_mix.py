@@ -1,0 +1,204 @@
+"""The FFT conv's fused channel mix and spectrum gradient (spectral_mix, spectral_outer): the
+native (C++) and Triton kernels against the plain-torch reference passes of crbp_fast.conv.fft,
+on odd sizes (frequencies not a multiple of the 32-lane tile, batches past the kernels' batch
+block), NaN-poisoned outputs (conftest's torch.empty; CRBP_FAST_DEBUG_NAN_FILL=1 for the
+extension) and a hard fail on NaN; then the FFT engine with each mix kernel against F.conv2d
+(forward, both gradients, double backward), and a whole crbp iteration in float64 against the
+reference (backend="torch", conv="direct")."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close
+
+from crbp_fast import HGRUCell, fixed_point
+from crbp_fast.conv.engines import fft as fft_conv
+from crbp_fast.conv.fft import FFTConv, MIX_LANES, mix_layout, mix_layout_inverse, spectral_mix, spectral_outer
+
+try:
+    from crbp_fast.hgru.native import hgru as native
+except ImportError as err:
+    if os.environ.get("CRBP_FAST_NO_EXT") == "1":
+        native = None
+    else:
+        raise
+
+try:
+    from crbp_fast.hgru.triton import hgru as triton_hgru
+except ImportError:
+    triton_hgru = None
+
+KERNELS = [
+    pytest.param("native", marks=pytest.mark.skipif(native is None, reason="built with CRBP_FAST_NO_EXT=1")),
+    pytest.param("triton", marks=pytest.mark.skipif(
+        triton_hgru is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+        reason="needs triton (a GPU or the interpreter)")),
+]
+DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+RTOL = {torch.float32: 3e-6, torch.float64: 1e-13}
+# (B, O, C, M, Nh): P = M * Nh frequencies; 9 samples pass the CPU kernels' batch block of 8.
+SIZES = [(3, 5, 7, 7, 5), (1, 4, 4, 8, 4), (9, 3, 2, 5, 13), (2, 1, 6, 3, 3)]
+
+
+@pytest.fixture(autouse=True)
+def _nan_fill(monkeypatch):
+    monkeypatch.setenv("CRBP_FAST_DEBUG_NAN_FILL", "1")
+
+
+def _impl(name: str):
+    mod = native if name == "native" else triton_hgru
+    return mod.spectral_mix, mod.spectral_outer
+
+
+def _random_spectrum(o, c, m, nh, dtype):
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    return torch.randn(m * nh, 2 * c, o, dtype=real, device=DEV)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("dtype", (torch.complex64, torch.complex128))
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-O{}-C{}-M{}-Nh{}".format(*s))
+@pytest.mark.parametrize("transpose", (False, True))
+def test_spectral_mix_matches_reference(name, dtype, size, transpose):
+    b, o, c, m, nh = size
+    mix, _ = _impl(name)
+    spec = _random_spectrum(o, c, m, nh, dtype)
+    layout = mix_layout(spec, (m, 2 * (nh - 1)))
+    z = torch.randn(b, o if transpose else c, m * nh, dtype=dtype, device=DEV)
+    got = torch.view_as_complex(mix(torch.view_as_real(z), layout, transpose))
+    want = spectral_mix(z, layout, transpose)
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    assert_close(torch.view_as_real(got), torch.view_as_real(want), RTOL[real], name=f"{name} mix")
+    # The reference pass is the mix the batched-matmul path computes (S's own layout).
+    k = torch.view_as_complex(spec.reshape(nh, m, 2, c, o).permute(4, 3, 1, 0, 2).contiguous()).reshape(o, c, -1)
+    ref = torch.einsum("ocp,bop->bcp", k.conj(), z) if transpose else torch.einsum("ocp,bcp->bop", k, z)
+    assert_close(torch.view_as_real(want), torch.view_as_real(ref), RTOL[real], name="reference mix")
+
+
+@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("dtype", (torch.complex64, torch.complex128))
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-O{}-C{}-M{}-Nh{}".format(*s))
+def test_spectral_outer_matches_reference(name, dtype, size):
+    b, o, c, m, nh = size
+    _, outer = _impl(name)
+    p = torch.randn(b, o, m * nh, dtype=dtype, device=DEV)
+    q = torch.randn(b, c, m * nh, dtype=dtype, device=DEV)
+    got = outer(torch.view_as_real(p), torch.view_as_real(q), m)
+    want = spectral_outer(p, q, m)
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    assert got.shape == (m * nh, 2 * c, o)
+    assert_close(got, want, RTOL[real], name=f"{name} outer")
+
+
+def test_mix_layout_roundtrip_and_padding():
+    spec = torch.randn(7 * 5, 2 * 3, 4, dtype=torch.float64)
+    layout = mix_layout(spec, (7, 8))
+    assert layout.shape == (-(-35 // MIX_LANES), 4, 3, 2, MIX_LANES)
+    assert torch.equal(mix_layout_inverse(layout, (7, 8)), spec)
+    tail = layout.permute(0, 4, 1, 2, 3).reshape(-1, 4, 3, 2)[35:]
+    assert torch.equal(tail, torch.zeros_like(tail))
+    with pytest.raises(ValueError, match="spectrum: expected shape"):
+        mix_layout(spec, (6, 8))
+
+
+@pytest.mark.skipif(native is None, reason="built with CRBP_FAST_NO_EXT=1")
+def test_native_mix_rejects_bad_input():
+    from crbp_fast.hgru.native import _C
+
+    z = torch.randn(2, 3, 40, 2)
+    layout = torch.randn(2, 4, 3, 2, MIX_LANES)
+    with pytest.raises(RuntimeError, match=r"z: expected a \(B, X, P, 2\)"):
+        _C.spectral_mix(torch.randn(2, 3, 40), layout, False)
+    with pytest.raises(RuntimeError, match="spec: expected shape"):
+        _C.spectral_mix(z, torch.randn(3, 4, 3, 2, MIX_LANES), False)
+    with pytest.raises(RuntimeError, match="z: expected 4 channels"):
+        _C.spectral_mix(z, layout, True)
+    with pytest.raises(RuntimeError, match="spec: expected the dtype"):
+        _C.spectral_mix(z, layout.double(), False)
+    with pytest.raises(RuntimeError, match="out: must not overlap"):
+        _C.spectral_mix(z, torch.randn(2, 3, 3, 2, MIX_LANES), False, out=z)
+    with pytest.raises(RuntimeError, match="rows: expected a positive divisor"):
+        _C.spectral_outer(z, z, 7)
+    with pytest.raises(RuntimeError, match="q: expected the batch"):
+        _C.spectral_outer(z, torch.randn(1, 3, 40, 2), 8)
+    # a NaN-poisoned out buffer is overwritten everywhere
+    out = torch.full((2, 4, 40, 2), float("nan"))
+    _C.spectral_mix(z, layout, False, out=out)
+    assert torch.isfinite(out).all()
+
+
+def test_mix_env_var_is_checked(monkeypatch):
+    monkeypatch.setenv(fft_conv.MIX_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="CRBP_FAST_FFT_MIX: expected one of"):
+        FFTConv().conv(torch.randn(1, 2, 9, 9), torch.randn(2, 2, 3, 3))
+
+
+MIXES = ["torch", *KERNELS]
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_fft_engine_with_each_mix_matches_direct(monkeypatch, mix, dtype):
+    monkeypatch.setenv(fft_conv.MIX_ENV_VAR, mix)
+    engine = FFTConv()
+    x = torch.randn(3, 5, 13, 11, dtype=dtype, device=DEV, requires_grad=True)
+    w = torch.randn(4, 5, 5, 5, dtype=dtype, device=DEV, requires_grad=True)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    y, ref = engine.conv(x, w), F.conv2d(x, w, padding=2)
+    assert_close(y, ref, rtol, name="conv")
+    g = torch.randn_like(y)
+    for got, want, name in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g), ("dx", "dw")):
+        assert_close(got, want, rtol, name=name)
+    # the adjoint conv and its weight gradient
+    yt = engine.conv_transpose(g.requires_grad_(True), w)
+    reft = torch.nn.grad.conv2d_input(x.shape, w, g, padding=2)
+    assert_close(yt, reft, rtol, name="conv_transpose")
+    gt = torch.randn_like(yt)
+    got = torch.autograd.grad(yt, (g, w), gt)
+    want = torch.autograd.grad(reft, (g, w), gt)
+    for a, e, name in zip(got, want, ("dy", "dw (transpose)")):
+        assert_close(a, e, rtol, name=name)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_fft_engine_double_backward_with_each_mix(monkeypatch, mix):
+    monkeypatch.setenv(fft_conv.MIX_ENV_VAR, mix)
+    engine = FFTConv()
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64, device=DEV, requires_grad=True)
+    w = torch.randn(3, 3, 3, 3, dtype=torch.float64, device=DEV, requires_grad=True)
+
+    def second(conv):
+        out = conv(x, w)
+        (gx,) = torch.autograd.grad(out.sin().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (x, w))
+
+    got = second(engine.conv)
+    want = second(lambda a, b: F.conv2d(a, b, padding=1))
+    for a, e in zip(got, want):
+        assert_close(a, e, 1e-11)
+
+
+@pytest.mark.skipif(native is None, reason="built with CRBP_FAST_NO_EXT=1")
+@pytest.mark.parametrize("algorithm", ("crbp", "rbp"))
+def test_crbp_iteration_gradients_native_fused_mix_float64(monkeypatch, algorithm):
+    """Every parameter's and x's gradient of a whole iteration (loss + 10 x penalty) with the
+    defaults' engines (native backend, FFT conv, native fused mix) against the reference."""
+    monkeypatch.setenv(fft_conv.MIX_ENV_VAR, "native")
+    grads = {}
+    for backend, conv in (("native", "fft"), ("torch", "direct")):
+        torch.manual_seed(3)
+        cell = HGRUCell(5, 5, backend=backend, conv=conv).double()
+        torch.manual_seed(4)
+        x = torch.randn(2, 5, 11, 9, dtype=torch.float64).square().requires_grad_(True)
+        res = fixed_point(cell, x, steps=4, algorithm=algorithm, adjoint_steps=3, adjoint_tol=0.0,
+                          use_linearize=backend != "torch")
+        loss = res.state.square().mean() + (10 * res.penalty if res.penalty is not None else 0)
+        loss.backward()
+        grads[backend] = {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
+    for name, want in grads["torch"].items():
+        assert_close(grads["native"][name], want, 1e-9, name=name)
