@@ -384,7 +384,7 @@ def fixed_point(
         raise ValueError(f"h0: expected the device of x ({x.device}), got {spec.device}")
 
     # The kernel spectra of f's FFT convs live for this call (and its adjoint): computed once,
-    # used by every step, the penalty and each adjoint product (crbp_fast.conv.engines.fft).
+    # used by every step, the penalty and each adjoint product (crbp_fast.conv.fft).
     scope = SpectraScope()
     try:
         with scope:

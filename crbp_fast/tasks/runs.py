@@ -230,3 +230,47 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+
+def restore(ckpt_path: Path, resume: bool, read: Callable[[Path], dict], check: Callable[[dict], None],
+            optimizer: torch.optim.Optimizer) -> tuple[dict | None, int, float]:
+    """Start fresh, or continue the run whose checkpoint is ``ckpt_path``.
+
+    No checkpoint: ``(None, 0, 0.0)``. A checkpoint without ``resume``: refused (a run never
+    overwrites another's checkpoint). Otherwise ``read(path)`` loads it, ``check(ckpt)`` (the
+    task's: model state, resumable config, data fingerprint) raises on anything that would make
+    the continuation inexact, then the optimizer and RNG states are restored; returns
+    ``(ckpt, step, elapsed seconds)``.
+    """
+    if not ckpt_path.exists():
+        return None, 0, 0.0
+    if not resume:
+        raise CheckpointError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
+    ckpt = read(ckpt_path)
+    check(ckpt)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt, int(ckpt["step"]), float(ckpt["elapsed"])
+
+
+class RunLog:
+    """The JSON-lines log of a run, from step ``start`` on (records past it, written after the
+    last checkpoint by an interrupted run, are dropped first), and its ``config`` file, written
+    atomically. Only the main process writes: elsewhere :meth:`write` does nothing."""
+
+    def __init__(self, out: Path, log_file: str, config_file: str, config: dict, start: int, is_main: bool):
+        self._file = None
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            truncate_log(out / log_file, start)
+            atomic_write_text(out / config_file, json.dumps(config, indent=1) + "\n")
+            self._file = open(out / log_file, "a")
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import assert_close
 
 from crbp_fast import HGRUCell, fixed_point
-from crbp_fast.conv.engines import fft as fft_conv
+from crbp_fast.conv import fft as fft_conv
 from crbp_fast.conv.fft import FFTConv, MIX_LANES, mix_layout, mix_layout_inverse, spectral_mix, spectral_outer
 
 try:

@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader
 
 from ..pathfinder.train import load_model_state
 from ..runs import (
-    CheckpointError, ConfigError, Interrupted, OutputLock, StepBatches, StopFlag, atomic_torch_save, atomic_write_text,
-    check_same_data, remove_stale_temporaries, rng_state, set_rng_state, setup_distributed, truncate_log,
+    CheckpointError, ConfigError, Interrupted, OutputLock, RunLog, StepBatches, StopFlag, atomic_torch_save,
+    check_same_data, remove_stale_temporaries, restore, rng_state, set_rng_state, setup_distributed,
 )
 from .config import RESUMABLE_CHANGES, PanopticTrainConfig
 from .data import CocoPanoptic, collate
@@ -170,24 +170,17 @@ def _train_locked(config: PanopticTrainConfig, env, after_backward, after_step) 
         raise ConfigError(f"batch_size: a global batch of {global_batch} ({config.batch_size} x {env.world} "
                           f"processes) is larger than the training set of {len(train_set)} images")
     out = Path(config.out)
-    ckpt_path, log_path = out / CHECKPOINT_FILE, out / LOG_FILE
+    ckpt_path = out / CHECKPOINT_FILE
     model = build_model(config, train_set.things, train_set.stuffs).to(env.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        if not config.resume:
-            raise CheckpointError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
-        ckpt = read_checkpoint(ckpt_path)
+
+    def check(ckpt: dict) -> None:
         _check_resumable(ckpt["config"], config, ckpt_path)
         check_same_data(ckpt.get("data"), train_set.fingerprint(), ckpt_path, _describe_data)
         load_model_state(model, ckpt["model"], str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        truncate_log(log_path, start)
-        atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(config), indent=1) + "\n")
+
+    _, start, elapsed = restore(ckpt_path, config.resume, read_checkpoint, check, optimizer)
+    log = RunLog(out, LOG_FILE, CONFIG_FILE, asdict(config), start, env.is_main)
 
     net: torch.nn.Module = model
     if env.world > 1:
@@ -201,12 +194,7 @@ def _train_locked(config: PanopticTrainConfig, env, after_backward, after_step) 
 
     bar = tqdm(total=config.iterations, initial=start, unit="it", desc=f"panoptic {config.algorithm} N={config.steps}",
                disable=not (env.is_main and config.progress), dynamic_ncols=True)
-    log = open(log_path, "a") if env.is_main else None
-
-    def write(record: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+    write = log.write
 
     def save(step: int) -> Path | None:
         if not env.is_main:
@@ -302,8 +290,7 @@ def _train_locked(config: PanopticTrainConfig, env, after_backward, after_step) 
             save(step)
     finally:
         bar.close()
-        if log is not None:
-            log.close()
+        log.close()
     return PanopticTrainResult(step, metrics, untrained, out, losses)
 
 

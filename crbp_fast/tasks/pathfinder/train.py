@@ -56,9 +56,8 @@ from ...engine.fixed_point import ADJOINT_RULES, ADJOINT_SOLVERS, ALGORITHMS
 from ...hgru.backends import BACKEND_NAMES
 from ...hgru.reference import NORM_KINDS
 from ..runs import (
-    CheckpointError, ConfigError, Dist, Interrupted, OutputLock, StepBatches, StopFlag, atomic_torch_save,
-    atomic_write_text, check_same_data, remove_stale_temporaries, rng_state, set_rng_state, setup_distributed,
-    truncate_log,
+    CheckpointError, ConfigError, Dist, Interrupted, OutputLock, RunLog, StepBatches, StopFlag, atomic_torch_save,
+    check_same_data, remove_stale_temporaries, restore, rng_state, setup_distributed,
 )
 from .losses import FOCAL_VARIANTS, focal_loss
 from .metrics import confusion, scores
@@ -412,7 +411,6 @@ def _train(config: TrainConfig, env: Dist, after_backward, after_step) -> TrainR
     if isinstance(dataset, ShardedPathfinder):
         dataset.verify()
     out = Path(config.out)
-    ckpt_path, log_path = out / CHECKPOINT_FILE, out / LOG_FILE
     fingerprint = data_fingerprint(config, dataset)
     lock = OutputLock(out) if env.is_main else None
     try:
@@ -427,7 +425,7 @@ def _train(config: TrainConfig, env: Dist, after_backward, after_step) -> TrainR
 def _train_locked(config: TrainConfig, env: Dist, after_backward, after_step, dataset, n_finite, iterations,
                   fingerprint) -> TrainResult:
     out = Path(config.out)
-    ckpt_path, log_path = out / CHECKPOINT_FILE, out / LOG_FILE
+    ckpt_path = out / CHECKPOINT_FILE
 
     torch.manual_seed(config.seed)
     try:
@@ -440,21 +438,14 @@ def _train_locked(config: TrainConfig, env: Dist, after_backward, after_step, da
     except (ValueError, TypeError, RuntimeError) as err:  # the cell's messages name the argument
         raise ConfigError(str(err)) from None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        if not config.resume:
-            raise CheckpointError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
-        ckpt = read_checkpoint(ckpt_path)
+
+    def check(ckpt: dict) -> None:
         load_model_state(model, ckpt["model"], str(ckpt_path), ckpt["config"])
         _check_resumable(ckpt["config"], config, ckpt_path)
         check_same_data(ckpt.get("data"), fingerprint, ckpt_path, _describe_data)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        truncate_log(log_path, start)
-        atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(config), indent=1) + "\n")
+
+    _, start, elapsed = restore(ckpt_path, config.resume, read_checkpoint, check, optimizer)
+    log = RunLog(out, LOG_FILE, CONFIG_FILE, asdict(config), start, env.is_main)
 
     net: torch.nn.Module = model
     if env.world > 1:
@@ -470,12 +461,7 @@ def _train_locked(config: TrainConfig, env: Dist, after_backward, after_step, da
 
     bar = tqdm(total=iterations, initial=start, unit="it", desc=f"{config.algorithm} N={config.steps}",
                disable=not (env.is_main and config.progress), dynamic_ncols=True)
-    log = open(log_path, "a") if env.is_main else None
-
-    def write(record: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+    write = log.write
 
     def save(step: int) -> Path | None:
         if not env.is_main:
@@ -553,8 +539,7 @@ def _train_locked(config: TrainConfig, env: Dist, after_backward, after_step, da
             save(step)
     finally:
         bar.close()
-        if log is not None:
-            log.close()
+        log.close()
     return TrainResult(step, metrics, out, losses)
 
 
