@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -273,4 +274,35 @@ class RunLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+@contextmanager
+def process(device: str, threads: int | None) -> Iterator[Dist]:
+    """This process's part of a run: its :class:`Dist` (torchrun's variables; the process group
+    joined when the world is larger than one, and left at the end) and ``threads`` CPU threads
+    (0 / None: as set) for the run, restored afterwards."""
+    env = setup_distributed(device)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield env
+    finally:
+        torch.set_num_threads(before)
+        if env.initialised_here:
+            dist.destroy_process_group()
+
+
+@contextmanager
+def output_folder(out: Path, names: Iterable[str], is_main: bool) -> Iterator[None]:
+    """One run per output folder: the main process holds ``OUT/.lock`` (:class:`OutputLock`)
+    for the whole run and first removes the temporaries of ``names`` that a killed run left."""
+    lock = OutputLock(out) if is_main else None
+    try:
+        if lock is not None:
+            remove_stale_temporaries(out, names)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 

@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader
 
 from ..pathfinder.train import load_model_state
 from ..runs import (
-    CheckpointError, ConfigError, Interrupted, OutputLock, RunLog, StepBatches, StopFlag, atomic_torch_save,
-    check_same_data, remove_stale_temporaries, restore, rng_state, set_rng_state, setup_distributed,
+    CheckpointError, ConfigError, Interrupted, RunLog, StepBatches, StopFlag, atomic_torch_save, check_same_data,
+    output_folder, process, restore, rng_state, set_rng_state,
 )
 from .config import RESUMABLE_CHANGES, PanopticTrainConfig
 from .data import CocoPanoptic, collate
@@ -133,16 +133,8 @@ def train(config: PanopticTrainConfig, *,
     (1-based) are reduced, before the optimizer step; ``after_step(step)`` after the step.
     """
     config.check()
-    env = setup_distributed(config.device)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    with process(config.device, config.threads) as env:
         return _train(config, env, after_backward, after_step)
-    finally:
-        torch.set_num_threads(threads)
-        if env.initialised_here:
-            dist.destroy_process_group()
 
 
 def _describe_data(fp: dict) -> str:
@@ -152,15 +144,8 @@ def _describe_data(fp: dict) -> str:
 
 def _train(config: PanopticTrainConfig, env, after_backward, after_step) -> PanopticTrainResult:
     # One run per output folder (rank 0 holds OUT/.lock for the whole run), as the Pathfinder trainer.
-    out = Path(config.out)
-    lock = OutputLock(out) if env.is_main else None
-    try:
-        if lock is not None:
-            remove_stale_temporaries(out, (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE))
+    with output_folder(Path(config.out), (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE), env.is_main):
         return _train_locked(config, env, after_backward, after_step)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _train_locked(config: PanopticTrainConfig, env, after_backward, after_step) -> PanopticTrainResult:

@@ -34,19 +34,15 @@ import dataclasses
 import json
 import math
 import os
-import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from .dataset import EVAL_INDEX_OFFSET, PathfinderDataset, ShardedPathfinder, ShardError
 from .generator import (
@@ -56,8 +52,8 @@ from ...engine.fixed_point import ADJOINT_RULES, ADJOINT_SOLVERS, ALGORITHMS
 from ...hgru.backends import BACKEND_NAMES
 from ...hgru.reference import NORM_KINDS
 from ..runs import (
-    CheckpointError, ConfigError, Dist, Interrupted, OutputLock, RunLog, StepBatches, StopFlag, atomic_torch_save,
-    check_same_data, remove_stale_temporaries, restore, rng_state, setup_distributed,
+    CheckpointError, ConfigError, Dist, Interrupted, RunLog, StepBatches, StopFlag, atomic_torch_save, check_same_data,
+    output_folder, process, restore, rng_state,
 )
 from .losses import FOCAL_VARIANTS, focal_loss
 from .metrics import confusion, scores
@@ -394,16 +390,8 @@ def train(
         Interrupted: SIGINT / SIGTERM arrived; the finished steps are checkpointed.
     """
     config.check()
-    env = setup_distributed(config.device)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    with process(config.device, config.threads) as env:
         return _train(config, env, after_backward, after_step)
-    finally:
-        torch.set_num_threads(threads)
-        if env.initialised_here:
-            dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, env: Dist, after_backward, after_step) -> TrainResult:
@@ -412,14 +400,8 @@ def _train(config: TrainConfig, env: Dist, after_backward, after_step) -> TrainR
         dataset.verify()
     out = Path(config.out)
     fingerprint = data_fingerprint(config, dataset)
-    lock = OutputLock(out) if env.is_main else None
-    try:
-        if env.is_main:
-            remove_stale_temporaries(out, (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE))
+    with output_folder(out, (CHECKPOINT_FILE, LOG_FILE, CONFIG_FILE), env.is_main):
         return _train_locked(config, env, after_backward, after_step, dataset, n_finite, iterations, fingerprint)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _train_locked(config: TrainConfig, env: Dist, after_backward, after_step, dataset, n_finite, iterations,
