@@ -208,7 +208,8 @@ def ks_tests(diagnoses: list[Diagnosis]) -> list[dict]:
     out = []
     for a, b in itertools.combinations(diagnoses, 2):
         res = ks_2samp(a.distances, b.distances)
-        out.append({"a": a.label, "b": b.label, "statistic": float(res.statistic), "pvalue": float(res.pvalue)})
+        out.append({"a": a.label, "b": b.label, "statistic": float(res.statistic), "pvalue": float(res.pvalue),
+                    "n_a": int(len(a.distances)), "n_b": int(len(b.distances))})
     return out
 
 

@@ -1,0 +1,1 @@
+"""Tasks on which the method is validated (Pathfinder; the panoptic FPN)."""

@@ -1,0 +1,1 @@
+"""The Pathfinder contour-tracing task: the Figure 1 reproduction (``crbp-fast figure1``)."""
