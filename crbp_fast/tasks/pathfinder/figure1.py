@@ -59,6 +59,10 @@ PAPER = {
     "crbp20": {"algorithm": "crbp", "N": 20, "f1": {"24": 0.9869, "39": 0.9822}},
 }
 SUMMARY_FORMAT = "crbp_fast.figure1/1"
+#: Settings that may change when a folder is run again: more optimizer steps continue the trainers
+#: (as ``crbp-fast train --resume`` allows), other models are added, the evaluation is redone.
+RESUMABLE = ("models", "iterations", "threads", "eval_images", "eval_batch", "test_steps", "pca_images",
+             "train_eval_every", "train_eval_images", "checkpoint_every")
 ALGORITHM_NAMES = {"bptt": "BPTT", "cbptt": "C-BPTT", "rbp": "RBP", "crbp": "C-RBP"}
 
 
@@ -73,13 +77,13 @@ class Figure1Config:
     out: str = "runs/figure1"
     models: tuple[str, ...] = ("bptt:6", "cbptt:6", "crbp:20", "rbp:20")
     size: int = 32
-    length: int = 6
+    length: int = 4
     seed: int = 0
-    train_images: int = 8000
+    train_images: int = 10000
     channels: int = 8
     kernel_size: int = 5
     batch_size: int = 16
-    iterations: int = 1500
+    iterations: int = 2000
     lr: float = 3e-3
     lcp_weight: float = 10.0
     lcp_target: float = 0.9
@@ -388,7 +392,7 @@ def run_figure1(config: Figure1Config, log=None) -> dict:
     if settings_path.exists():
         old = json.loads(settings_path.read_text())
         changed = {k: (old.get(k), v) for k, v in settings.items()
-                   if k not in ("models", "threads", "eval_images", "eval_batch", "test_steps", "pca_images")
+                   if k not in RESUMABLE
                    and old.get(k) != v}
         if changed:
             raise Figure1Error(f"out: {out} holds a run with other settings {changed} (old, new); choose another --out")
