@@ -62,7 +62,7 @@ SUMMARY_FORMAT = "crbp_fast.figure1/1"
 #: Settings that may change when a folder is run again: more optimizer steps continue the trainers
 #: (as ``crbp-fast train --resume`` allows), other models are added, the evaluation is redone.
 RESUMABLE = ("models", "iterations", "threads", "eval_images", "eval_batch", "test_steps", "pca_images",
-             "train_eval_every", "train_eval_images", "checkpoint_every")
+             "train_eval_every", "train_eval_images", "checkpoint_every", "device", "evaluate_only")
 ALGORITHM_NAMES = {"bptt": "BPTT", "cbptt": "C-BPTT", "rbp": "RBP", "crbp": "C-RBP"}
 
 
@@ -101,6 +101,8 @@ class Figure1Config:
     parallel: int = 4
     threads: int = 1
     data_workers: int = 2
+    device: str = "auto"
+    evaluate_only: bool = False
     progress: bool = True
     report_every: float = 60.0
     extra_train_args: tuple[str, ...] = field(default_factory=tuple)
@@ -119,6 +121,8 @@ class Figure1Config:
         names = [s[0] for s in specs]
         if len(set(names)) < len(names):
             raise Figure1Error(f"models: each model once, got {list(self.models)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise Figure1Error(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name, _, steps in specs:
             if steps >= self.test_steps:
                 raise Figure1Error(f"models: {name} trains at N={steps}, which must be below test_steps={self.test_steps}")
@@ -176,7 +180,7 @@ def train_command(config: Figure1Config, data: Path, name: str, algorithm: str, 
         "--backend", config.backend, "--conv", config.conv,
         "--eval-size", str(config.train_eval_images), "--eval-every", str(config.train_eval_every),
         "--checkpoint-every", str(config.checkpoint_every), "--threads", str(config.threads),
-        "--no-progress", "--resume", "--out", str(out), *config.extra_train_args,
+        "--device", config.device, "--no-progress", "--resume", "--out", str(out), *config.extra_train_args,
     ]
 
 
@@ -314,23 +318,23 @@ def run_training(config: Figure1Config, data: Path, log) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def segmentation_over_time(checkpoint: Path, config: Figure1Config) -> dict:
+def segmentation_over_time(checkpoint: Path, config: Figure1Config, device: str = "cpu") -> dict:
     """Predicted masks of the first held-out image at every step 1..T (in its evaluation batch).
 
     The normalisation uses batch statistics, so the image runs in the first evaluation batch, as
     in ``diagnose``. Returns the image, its mask, the prediction per step and its F1 per step.
     """
-    model, cfg = load_checkpoint_model(checkpoint)
+    model, cfg = load_checkpoint_model(checkpoint, device)
     data = PathfinderDataset("segmentation", cfg["length"], cfg["size"], cfg["seed"],
                              min(config.eval_batch, config.eval_images), start=EVAL_INDEX_OFFSET)
-    images = torch.stack([data[i][0] for i in range(len(data))])
-    target = data[0][1]
+    images = torch.stack([data[i][0] for i in range(len(data))]).to(device)
+    target = data[0][1].to(device)
     preds, f1 = [], []
     for h in model.trajectory(images, config.test_steps):
         pred = model.head(h).argmax(1)[0]
-        preds.append(pred.to(torch.uint8).numpy())
+        preds.append(pred.to(torch.uint8).cpu().numpy())
         f1.append(scores(confusion(pred, target))["f1"])
-    return {"image": images[0, 0].numpy(), "mask": target.numpy().astype(np.uint8), "pred": np.stack(preds), "f1": f1}
+    return {"image": images[0, 0].cpu().numpy(), "mask": target.cpu().numpy().astype(np.uint8), "pred": np.stack(preds), "f1": f1}
 
 
 def plot_segmentations(frames: dict[str, dict], labels: dict[str, str], steps_n: dict[str, int], test_steps: int,
@@ -399,15 +403,23 @@ def run_figure1(config: Figure1Config, log=None) -> dict:
     settings_path.write_text(json.dumps(settings, indent=1) + "\n")
     timing_path = out / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    data = ensure_data(config, log)
-    timing.setdefault("data_seconds", time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    try:
-        info = run_training(config, data, log)
-    finally:
-        timing["train_wall_seconds"] = timing.get("train_wall_seconds", 0.0) + time.perf_counter() - t1
-        timing_path.write_text(json.dumps(timing, indent=1) + "\n")
+    if config.evaluate_only:
+        data = Path(config.out) / "data"
+        info = {}
+        log("evaluate only: the checkpoints as they are (training not continued)")
+    else:
+        data = ensure_data(config, log)
+        timing.setdefault("data_seconds", time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        try:
+            info = run_training(config, data, log)
+        finally:
+            timing["train_wall_seconds"] = timing.get("train_wall_seconds", 0.0) + time.perf_counter() - t1
+            timing_path.write_text(json.dumps(timing, indent=1) + "\n")
+    timing.setdefault("data_seconds", 0.0)
+    timing.setdefault("train_wall_seconds", 0.0)
     timing.setdefault("train", {})
     for name, i in info.items():
         if "seconds" in i:
@@ -422,8 +434,8 @@ def run_figure1(config: Figure1Config, log=None) -> dict:
     log(f"evaluate: {len(specs)} models on {config.eval_images} held-out images to T = {config.test_steps}")
     diag = diagnose(ckpts, test_steps=config.test_steps, out=figures, n_images=config.eval_images,
                     batch_size=config.eval_batch, pca_images=config.pca_images,
-                    labels=[pretty(a, n) for _, a, n in specs], device="cpu")
-    frames = {name: segmentation_over_time(Path(c), config) for (name, _, _), c in zip(specs, ckpts)}
+                    labels=[pretty(a, n) for _, a, n in specs], device=device)
+    frames = {name: segmentation_over_time(Path(c), config, device) for (name, _, _), c in zip(specs, ckpts)}
     plot_segmentations(frames, {name: pretty(a, n) for name, a, n in specs}, {name: n for name, _, n in specs},
                        config.test_steps, figures / "segmentations.png")
     timing["evaluate_seconds"] = time.perf_counter() - t2
@@ -444,6 +456,8 @@ def run_figure1(config: Figure1Config, log=None) -> dict:
                 "n": len(entry["distance"]["values"]), "values": entry["distance"]["values"]},
             "training": entry["training"],
             "train_seconds": timing["train"].get(name),
+            "trained_optimizer_steps": int(read_checkpoint(out / "runs" / name / "checkpoint.pt")["step"]),
+            "train_step_seconds": _last_step(out / "runs" / name / "log.jsonl")[1],
             "segmentation_image_f1_per_step": frames[name]["f1"],
         }
     labels = {pretty(a, n): name for name, a, n in specs}
@@ -477,6 +491,25 @@ def run_figure1(config: Figure1Config, log=None) -> dict:
     return summary
 
 
+HELP = {
+    "size": "image side in pixels", "length": "paddles per target contour", "seed": "data and initialisation seed",
+    "train_images": "training images (cycled in epochs; the same for every model)", "channels": "hGRU channels C",
+    "kernel_size": "horizontal kernel size k", "batch_size": "images per optimizer step",
+    "iterations": "optimizer steps of every model (more on a rerun continues the trainers)", "lr": "Adam learning rate",
+    "lcp_weight": "weight of the LCP penalty (cbptt, crbp)", "lcp_target": "lambda of the LCP penalty",
+    "adjoint_steps": "most adjoint iterations (rbp, crbp)", "adjoint_rule": "relative or published",
+    "backend": "hGRU backend of the trainers", "conv": "horizontal conv engine",
+    "eval_images": "held-out images of the per-step evaluation", "eval_batch": "images per evaluation batch",
+    "test_steps": "T, the steps every model is run for", "pca_images": "images whose states enter the PCA",
+    "train_eval_every": "trainer's held-out evaluation every this many steps (0: at the end)",
+    "train_eval_images": "held-out images of the trainer's evaluations", "checkpoint_every": "steps between checkpoints",
+    "parallel": "trainer processes at a time", "threads": "torch threads per trainer",
+    "data_workers": "processes drawing the training images", "device": "auto, cpu or cuda",
+    "evaluate_only": "evaluate the checkpoints as they are, without training (e.g. after a time limit)",
+    "report_every": "seconds between progress lines",
+}
+
+
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
     """Add ``crbp-fast figure1``."""
     from crbp_fast.cli import DefaultsHelpFormatter
@@ -489,7 +522,11 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     for f in fields(Figure1Config):
         if f.name in ("out", "models", "progress", "extra_train_args"):
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f.name.replace("_", " "))
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=HELP.get(f.name, f.name))
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=HELP.get(f.name, f.name.replace("_", " ")))
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=_run)
 
