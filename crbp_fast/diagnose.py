@@ -243,7 +243,8 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
     paths = []
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:
+            fig.tight_layout()
         paths.append(out / name)
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
@@ -327,25 +328,27 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    # Top row: one histogram per model, each with 30 bins over its own range (the models' distances
+    # differ by orders of magnitude while one model's spread can be ~1% of its mean, so shared bins
+    # put a model's images in one bin). Bottom: the empirical CDFs on one log axis, whose largest
+    # vertical gap is the KS statistic.
     values = [np.asarray(e["distance"]["values"], dtype=float) for e in entries]
-    positive = np.concatenate([v[v > 0] for v in values]) if any((v > 0).any() for v in values) else np.ones(1)
-    lo, hi = float(positive.min()), float(positive.max())
-    # Log-spaced bins over the range of all models: distances of different models differ by orders of
-    # magnitude, so linear bins over the joint range put each model's images in one or two bins.
-    bins = np.geomspace(lo / 1.05, hi * 1.05 if hi > lo else lo * 2.0, 40)
-    ax = axes[0]
+    fig = plt.figure(figsize=(max(12.0, 3.6 * len(entries)), 8.2), layout="constrained")
+    grid = fig.add_gridspec(2, len(entries), height_ratios=[1, 1.25])
     for i, (e, v) in enumerate(zip(entries, values)):
+        ax = fig.add_subplot(grid[0, i])
         st = style(i)
-        ax.hist(np.clip(v, bins[0], None), bins=bins, histtype="step", linewidth=1.6, color=st["color"],
-                linestyle=st["linestyle"], label=f"{name(e)}, n = {len(v)}")
-        ax.hist(np.clip(v, bins[0], None), bins=bins, alpha=0.15, color=st["color"])
-    ax.set_xscale("log")
-    ax.set_xlabel(f"||h_T - h_N|| per held-out image (T = {test_steps}; L2 norm over C x H x W; log scale)")
-    ax.set_ylabel("images per bin (40 log-spaced bins)")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-    ax.set_title("distance between the states at t = N and t = T", fontsize=9)
+        lo, hi = float(v.min()), float(v.max())
+        span = hi - lo if hi > lo else max(abs(lo), 1.0) * 1e-3
+        bins = np.linspace(lo - 0.02 * span, hi + 0.02 * span, 31)
+        ax.hist(v, bins=bins, color=st["color"], alpha=0.35, edgecolor=st["color"], linewidth=0.8)
+        ax.set_title(f"{name(e)}\nn = {len(v)}, median {np.median(v):.3g}", fontsize=8)
+        ax.set_xlabel("||h_T - h_N|| (30 bins over this model's range)", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if i == 0:
+            ax.set_ylabel("images per bin")
+    axes = [None, fig.add_subplot(grid[1, :])]
     ax = axes[1]
     for i, (e, v) in enumerate(zip(entries, values)):
         st = style(i)
@@ -353,7 +356,7 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
         ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", color=st["color"], linestyle=st["linestyle"],
                 linewidth=1.6, label=name(e))
     ax.set_xscale("log")
-    ax.set_xlabel("||h_T - h_N|| (log scale)")
+    ax.set_xlabel(f"||h_T - h_N|| per held-out image (T = {test_steps}; L2 norm over C x H x W; log scale)")
     ax.set_ylabel("fraction of images with distance <= x")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -362,10 +365,11 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
     if ks:
         lines = [f"KS {k['a']} vs {k['b']}: D = {k['statistic']:.3f}, p = {k['pvalue']:.2g}, "
                  f"n = {k.get('n_a', '?')} / {k.get('n_b', '?')}" for k in ks]
-        fig.text(0.01, 0.0, "two-sample Kolmogorov-Smirnov tests:\n" + "\n".join(lines), fontsize=7,
-                 va="top", family="monospace")
+        ax.text(0.01, 0.98, "two-sample Kolmogorov-Smirnov tests:\n" + "\n".join(lines), fontsize=7,
+                va="top", ha="left", family="monospace", transform=ax.transAxes,
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
+    fig.suptitle("distance between the states at t = N and t = T, per held-out image", fontsize=10)
     paths.append(out / "distances.png")
-    fig.tight_layout()
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -374,7 +378,8 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
         shown = [(i, e, [r for r in records if r.get("kind") == "train"]) for i, (e, records) in
                  enumerate(zip(entries, logs))]
         shown = [s for s in shown if s[2]]
-        fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4.3), squeeze=False, sharey=True,
+                                 layout="constrained")
         for ax, (i, e, rows) in zip(axes[0], shown):
             step = np.array([r["step"] for r in rows])
             loss = np.array([r["loss"] for r in rows])
@@ -399,9 +404,9 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
                 ax2.tick_params(labelsize=7)
                 h1, l1 = ax.get_legend_handles_labels()
                 h2, l2 = ax2.get_legend_handles_labels()
-                ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
+                ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)
             else:
-                ax.legend(fontsize=7, loc="upper right")
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)
         axes[0, 0].set_ylabel("training loss (focal + LCP weight x penalty)")
         save(fig, "training_loss.png")
     return paths

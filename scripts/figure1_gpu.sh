@@ -63,9 +63,10 @@ stage() {  # stage NAME SECONDS CMD...: under `timeout` (SIGTERM first: figure1 
   timeout --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   local status=PASS
-  [ "$rc" -eq 124 ] && status=TIMEOUT
+  # the train stage's time limit is planned: the trainers checkpoint and `evaluate` takes over
+  [ "$rc" -eq 124 ] && status=TIMEOUT && [ "$name" = train ] && status="TIME LIMIT"
   [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && status="FAIL(exit $rc)"
-  [ "$status" != PASS ] && FAILED=1
+  [ "$status" != PASS ] && [ "$status" != "TIME LIMIT" ] && FAILED=1
   STAGES+="$(printf '%-14s %-14s %4ss' "$name" "$status" "$(($(date +%s) - t0))")"$'\n'
   say "== $name: $status"
   [ "$status" = PASS ]

@@ -140,14 +140,16 @@ def test_plots_are_readable(tmp_path, monkeypatch):
     # state space: a legend names every kind of mark
     legend_texts = [t.get_text() for leg in figs["state_space.png"].legends for t in leg.get_texts()]
     assert len(legend_texts) == 5 and any("t = 1" in t for t in legend_texts) and any("t = T" in t for t in legend_texts)
-    # distances: each model's 200 images spread over many bins (not one bin), n and the KS statistic shown
-    hist_ax = figs["distances.png"].axes[0]
-    assert hist_ax.get_xscale() == "log"
-    filled = [p for p in hist_ax.patches if getattr(p, "get_height", None) and p.get_height() > 0]
-    assert len(filled) >= 20
-    text = " ".join(t.get_text() for t in figs["distances.png"].texts)
+    # distances: each model's 200 images spread over many bins of its own histogram (not one bin,
+    # though the two models differ 300x), n shown; the ECDFs on a log axis with the KS results
+    dist_axes = figs["distances.png"].axes
+    for ax in dist_axes[:2]:
+        filled = [p for p in ax.patches if p.get_height() > 0]
+        assert len(filled) >= 10 and "n = 200" in ax.get_title()
+    ecdf = dist_axes[2]
+    assert ecdf.get_xscale() == "log" and len(ecdf.get_lines()) == 2
+    text = " ".join(t.get_text() for t in ecdf.texts)
     assert "D = 1.000" in text and "n = 200 / 200" in text
-    assert all("n = 200" in t.get_text() for t in hist_ax.get_legend().get_texts())
     # training loss: one panel per model, integer ticks, raw line and moving average both drawn
     for ax in figs["training_loss.png"].axes:
         lines = ax.get_lines()

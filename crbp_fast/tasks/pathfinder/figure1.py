@@ -259,6 +259,7 @@ def run_training(config: Figure1Config, data: Path, log) -> dict[str, dict]:
     last_report = -1e9
     shown = bar.n
     failed: list[str] = []
+    signalled: set[str] = set()
     with _Stop() as stop:
         while pending or running:
             while pending and len(running) < config.parallel and not stop.requested:
@@ -276,9 +277,11 @@ def run_training(config: Figure1Config, data: Path, log) -> dict[str, dict]:
                 log(f"train: started {name} ({pretty(algorithm, steps)}), pid {proc.pid}, log {runs / name}/train.out")
             time.sleep(1.0)
             if stop.requested:
-                for proc, _, _ in running.values():
-                    if proc.poll() is None:
+                # once per trainer: a second SIGTERM after its handler is gone would kill its shutdown
+                for name, (proc, _, _) in running.items():
+                    if proc.poll() is None and name not in signalled:
                         proc.send_signal(signal.SIGTERM)
+                        signalled.add(name)
             for name in list(running):
                 proc, t0, out_file = running[name]
                 if proc.poll() is None:
@@ -290,7 +293,8 @@ def run_training(config: Figure1Config, data: Path, log) -> dict[str, dict]:
                 if proc.returncode != 0:
                     if not stop.requested:
                         failed.append(name)
-                    log(f"train: {name} exited {proc.returncode} (see {runs / name}/train.out)")
+                    why = " (stopped on request; its checkpoint is written)" if proc.returncode == 130 else ""
+                    log(f"train: {name} exited {proc.returncode}{why} (see {runs / name}/train.out)")
                 else:
                     log(f"train: {name} finished in {info[name]['seconds']:.0f} s")
             progress = {n: _last_step(runs / n / "log.jsonl")[0] for n, _, _ in specs}
