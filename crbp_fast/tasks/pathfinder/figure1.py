@@ -83,7 +83,7 @@ class Figure1Config:
     channels: int = 8
     kernel_size: int = 5
     batch_size: int = 16
-    iterations: int = 2000
+    iterations: int = 6000
     lr: float = 3e-3
     lcp_weight: float = 10.0
     lcp_target: float = 0.9
