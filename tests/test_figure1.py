@@ -156,3 +156,28 @@ def test_plots_are_readable(tmp_path, monkeypatch):
         assert len(lines) == 2 and lines[0].get_alpha() and lines[1].get_alpha() is None
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert all(float(t).is_integer() for t in ticks)
+
+
+def test_preview_titles_clear_of_the_row_above(tmp_path, monkeypatch):
+    """`crbp-fast pathfinder preview`: the second row's titles sit below the first row's images."""
+    from matplotlib.figure import Figure
+
+    figs = []
+    original = Figure.savefig
+
+    def capture(self, path, *a, **kw):
+        figs.append(self)
+        return original(self, path, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    assert cli.main(["pathfinder", "preview", "--length", "4", "--size", "32", "-n", "8",
+                     "--out", str(tmp_path / "p.png")]) == 0
+    (fig,) = figs
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    axes = fig.axes
+    cols = len(axes) // 2
+    for top, bottom in zip(axes[:cols], axes[cols:]):
+        title = bottom.title.get_window_extent(renderer)
+        assert bottom.get_title() and title.y1 <= top.get_window_extent(renderer).y0 + 0.5
