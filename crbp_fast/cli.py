@@ -16,6 +16,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("pathfinder", "crbp_fast.tasks.pathfinder.data_cli", "generate Pathfinder datasets (shards) and preview samples"),
     ("train", "crbp_fast.tasks.pathfinder.train", "train a Pathfinder hGRU with bptt / cbptt / rbp / crbp (DDP via torchrun)"),
     ("diagnose", "crbp_fast.tasks.pathfinder.diagnose", "stability past the training N: metric per step, state space, KS test"),
+    ("figure1", "crbp_fast.tasks.pathfinder.figure1",
+     "reproduce Figure 1 at CPU scale: data, BPTT / C-BPTT / C-RBP / RBP training, F1 per step, figures"),
     ("bench", "crbp_fast.bench.cli", "benchmark suite and memory profiler: what C-RBP costs against BPTT"),
     ("panoptic", "crbp_fast.tasks.panoptic.cli", "recurrent Panoptic FPN on torchvision: data, train, eval, memory"),
 ]

@@ -60,7 +60,10 @@ def _preview(args: argparse.Namespace) -> int:
     cols = min(len(images), 4)
     rows = -(-len(images) // cols)
     panels = 2 if task == "segmentation" else 1
-    fig, axes = plt.subplots(rows, cols * panels, figsize=(2.6 * cols * panels, 2.8 * rows), squeeze=False)
+    # constrained layout keeps each row's titles clear of the row above (tight_layout with a
+    # suptitle let the second row's titles slide under the first row's images)
+    fig, axes = plt.subplots(rows, cols * panels, figsize=(2.6 * cols * panels, 2.9 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for i, image in enumerate(images):
@@ -76,7 +79,6 @@ def _preview(args: argparse.Namespace) -> int:
         else:
             ax.set_title(f"#{i} label {int(targets[i])} ({'connected' if targets[i] else 'not connected'})", fontsize=8)
     fig.suptitle(f"Pathfinder {task}, length {length}, {size}x{size}", fontsize=10)
-    fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     plt.close(fig)
     print(f"wrote {args.out}")

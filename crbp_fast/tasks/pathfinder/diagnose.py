@@ -225,7 +225,8 @@ def ks_tests(diagnoses: list[Diagnosis]) -> list[dict]:
     out = []
     for a, b in itertools.combinations(diagnoses, 2):
         res = ks_2samp(a.distances, b.distances)
-        out.append({"a": a.label, "b": b.label, "statistic": float(res.statistic), "pvalue": float(res.pvalue)})
+        out.append({"a": a.label, "b": b.label, "statistic": float(res.statistic), "pvalue": float(res.pvalue),
+                    "n_a": int(len(a.distances)), "n_b": int(len(b.distances))})
     return out
 
 
@@ -259,7 +260,8 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
     paths = []
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:
+            fig.tight_layout()
         paths.append(out / name)
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
@@ -267,49 +269,126 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
     def name(e: dict) -> str:
         return f"{e['label']} ({e['algorithm']}, N={e['train_steps']})"
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    styles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v", "P"]
+
+    def style(i: int) -> dict:
+        """Colour, line style and marker of curve i: curves that coincide stay distinguishable."""
+        return {"color": f"C{i}", "linestyle": styles[i % len(styles)], "marker": markers[i % len(markers)]}
+
     steps = np.arange(1, test_steps + 1)
-    for i, e in enumerate(entries):
-        ax.plot(steps, e["per_step"][e["metric"]], color=f"C{i}", label=name(e))
-        ax.axvline(e["train_steps"], color=f"C{i}", linestyle=":", linewidth=1)
-    ax.set_xlabel("step t")
-    ax.set_ylabel(", ".join(sorted({e["metric"] for e in entries})))
-    ax.set_ylim(0, 1.02)
-    ax.set_title("held-out metric at every step (dotted: training N)")
-    ax.legend(fontsize=8)
+    metric_names = sorted({e["metric"] for e in entries})
+    panels = metric_names + (["iou"] if all(e["task"] == "segmentation" for e in entries) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    every = max(1, test_steps // 10)
+    for ax, metric in zip(axes[0], panels):
+        for i, e in enumerate(entries):
+            st = style(i)
+            # markers at offset steps per curve, so that coinciding curves still show each one's marks
+            ax.plot(steps, e["per_step"][metric], color=st["color"], linestyle=st["linestyle"], linewidth=1.6,
+                    marker=st["marker"], markevery=(i % every, every), markersize=5, markerfacecolor="none",
+                    label=name(e))
+            ax.axvline(e["train_steps"], color=st["color"], linestyle=":", linewidth=1)
+        ax.set_xlabel("step t (recurrent iterations from h0 = 0)")
+        ax.set_ylabel(f"held-out {metric} (pooled over pixels)" if metric in ("f1", "iou") else f"held-out {metric}")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlim(0.5, test_steps + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(Line2D([], [], color="gray", linestyle=":", linewidth=1))
+        labels.append("training N (vertical, in the model's colour)")
+        ax.legend(handles, labels, fontsize=7, loc="lower right")
+        ax.set_title(f"held-out {metric} at every step, {summary['n_images']} images", fontsize=9)
     save(fig, "metric_vs_step.png")
 
-    fig, axes = plt.subplots(1, len(entries), figsize=(4.5 * len(entries), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(entries), figsize=(4.3 * len(entries) + 1.2, 5.0), squeeze=False,
+                             layout="constrained")
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    norm = Normalize(1, test_steps)
     for ax, e in zip(axes[0], entries):
         pts, n = np.asarray(e["pca"]["points"]), e["train_steps"]  # (T, P, 2)
-        early, late = pts[:n].reshape(-1, 2), pts[n:].reshape(-1, 2)
-        ax.scatter(early[:, 0], early[:, 1], s=8, color="tab:blue", alpha=0.6, label=f"t <= {n}")
-        ax.scatter(late[:, 0], late[:, 1], s=8, color="tab:red", alpha=0.6, label=f"t > {n}")
-        ax.plot(pts[:, 0, 0], pts[:, 0, 1], color="black", linewidth=1, label="one image")
-        ax.scatter(pts[0, 0, 0], pts[0, 0, 1], marker="o", facecolor="none", edgecolor="black", s=40)
-        ax.scatter(pts[-1, 0, 0], pts[-1, 0, 1], marker="x", color="black", s=40)
+        t_of = np.repeat(np.arange(1, pts.shape[0] + 1), pts.shape[1])
+        flat = pts.reshape(-1, 2)
+        ax.scatter(flat[:, 0], flat[:, 1], c=t_of, cmap="viridis", norm=norm, s=10, alpha=0.7)
+        ax.plot(pts[:, 0, 0], pts[:, 0, 1], color="black", linewidth=0.9)
+        ax.scatter(pts[0, 0, 0], pts[0, 0, 1], marker="o", facecolor="none", edgecolor="black", s=60, zorder=3)
+        ax.scatter(pts[n - 1, :, 0], pts[n - 1, :, 1], marker="*", color="tab:red", s=70, zorder=3,
+                   edgecolor="black", linewidth=0.4)
+        ax.scatter(pts[-1, 0, 0], pts[-1, 0, 1], marker="X", color="black", s=60, zorder=3)
         ev = e["pca"]["explained_variance"]
-        ax.set_xlabel(f"PC1 ({ev[0]:.0%})")
+        ax.set_xlabel(f"PC1 of the pooled state ({ev[0]:.0%} of variance)")
         ax.set_ylabel(f"PC2 ({ev[1]:.0%})" if len(ev) > 1 else "PC2")
         ax.set_title(name(e), fontsize=9)
-        ax.legend(fontsize=7)
-    save(fig, "state_space.png")
+    same_n = len({e["train_steps"] for e in entries}) == 1
+    n_text = f"t = N = {entries[0]['train_steps']}" if same_n else "t = N (each model's training steps, in its title)"
+    legend = [
+        Line2D([], [], marker="o", linestyle="", color="gray", markersize=4,
+               label=f"state h_t of one of {pts.shape[1]} held-out images (colour: step t)"),
+        Line2D([], [], color="black", linewidth=0.9, label="trajectory of image 1 through t = 1 .. T"),
+        Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="black", markersize=7,
+               label="image 1 at t = 1"),
+        Line2D([], [], marker="*", linestyle="", color="tab:red", markeredgecolor="black", markersize=9,
+               label=f"every image at {n_text}"),
+        Line2D([], [], marker="X", linestyle="", color="black", markersize=7, label=f"image 1 at t = T = {test_steps}"),
+    ]
+    fig.legend(handles=legend, fontsize=7.5, loc="outside lower center", ncols=3)
+    fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=list(axes[0]), label="step t", shrink=0.9)
+    fig.suptitle("state space: hidden states (spatially pooled) projected on their top-2 principal components "
+                 "(PCA per model)", fontsize=9)
+    paths.append(out / "state_space.png")
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    values = [np.asarray(e["distance"]["values"]) for e in entries]
-    lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
-    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 40)
+    # Top row: one histogram per model, each with 30 bins over its own range (the models' distances
+    # differ by orders of magnitude while one model's spread can be ~1% of its mean, so shared bins
+    # put a model's images in one bin). Bottom: the empirical CDFs on one log axis, whose largest
+    # vertical gap is the KS statistic.
+    values = [np.asarray(e["distance"]["values"], dtype=float) for e in entries]
+    fig = plt.figure(figsize=(max(12.0, 3.6 * len(entries)), 8.2), layout="constrained")
+    grid = fig.add_gridspec(2, len(entries), height_ratios=[1, 1.25])
     for i, (e, v) in enumerate(zip(entries, values)):
-        ax.hist(v, bins=bins, alpha=0.5, color=f"C{i}", label=name(e))
-    ax.set_xlabel(f"||h_{test_steps} - h_N|| per image")
-    ax.set_ylabel("images")
-    title = "distance from h_N to h_T"
+        ax = fig.add_subplot(grid[0, i])
+        st = style(i)
+        lo, hi = float(v.min()), float(v.max())
+        span = hi - lo if hi > lo else max(abs(lo), 1.0) * 1e-3
+        bins = np.linspace(lo - 0.02 * span, hi + 0.02 * span, 31)
+        ax.hist(v, bins=bins, color=st["color"], alpha=0.35, edgecolor=st["color"], linewidth=0.8)
+        ax.set_title(f"{name(e)}\nn = {len(v)}, median {np.median(v):.3g}", fontsize=8)
+        ax.set_xlabel("||h_T - h_N|| (30 bins over this model's range)", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if i == 0:
+            ax.set_ylabel("images per bin")
+    axes = [None, fig.add_subplot(grid[1, :])]
+    ax = axes[1]
+    for i, (e, v) in enumerate(zip(entries, values)):
+        st = style(i)
+        xs = np.sort(v)
+        ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", color=st["color"], linestyle=st["linestyle"],
+                linewidth=1.6, label=name(e))
+    ax.set_xscale("log")
+    ax.set_xlabel(f"||h_T - h_N|| per held-out image (T = {test_steps}; L2 norm over C x H x W; log scale)")
+    ax.set_ylabel("fraction of images with distance <= x")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("empirical CDFs (the KS statistic D is their largest vertical gap)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     if ks:
-        title += "\n" + "; ".join(
-            f"KS {k['a']} vs {k['b']}: D={k['statistic']:.2f}, p={k['pvalue']:.2g}" for k in ks[:2])
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    save(fig, "distances.png")
+        lines = [f"KS {k['a']} vs {k['b']}: D = {k['statistic']:.3f}, p = {k['pvalue']:.2g}, "
+                 f"n = {k.get('n_a', '?')} / {k.get('n_b', '?')}" for k in ks]
+        ax.text(0.01, 0.98, "two-sample Kolmogorov-Smirnov tests:\n" + "\n".join(lines), fontsize=7,
+                va="top", ha="left", family="monospace", transform=ax.transAxes,
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
+    fig.suptitle("distance between the states at t = N and t = T, per held-out image", fontsize=10)
+    paths.append(out / "distances.png")
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
     if all("forward_trace" in e for e in entries):
         paths.append(plot_trace({name(e): {"forward": e["forward_trace"]} for e in entries},
@@ -317,24 +396,46 @@ def plot_summary(summary: dict, out: str | os.PathLike) -> list[Path]:
 
     logs = [training_log(e["path"]) for e in entries]
     if any(logs):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, (e, records) in enumerate(zip(entries, logs)):
-            rows = [r for r in records if r.get("kind") == "train"]
-            if not rows:
-                continue
+        shown = [(i, e, [r for r in records if r.get("kind") == "train"]) for i, (e, records) in
+                 enumerate(zip(entries, logs))]
+        shown = [s for s in shown if s[2]]
+        fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4.3), squeeze=False, sharey=True,
+                                 layout="constrained")
+        for ax, (i, e, rows) in zip(axes[0], shown):
             step = np.array([r["step"] for r in rows])
             loss = np.array([r["loss"] for r in rows])
             window = max(1, len(rows) // 20)
-            ax.plot(step, loss, color=f"C{i}", alpha=0.25, linewidth=0.8)
-            ax.plot(step[window - 1:], _moving_average(loss, window), color=f"C{i}",
-                    label=f"{e['label']} ({e['algorithm']}, N={e['trained_steps']})")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("loss (focal + LCP weight x penalty)")
-        ax.set_yscale("log")
-        ax.set_title("training loss (faint: every step; solid: moving average)", fontsize=9)
-        ax.legend(fontsize=8)
+            if window > 1:
+                ax.plot(step, loss, color=f"C{i}", alpha=0.45, linewidth=0.7, label="every logged step")
+                ax.plot(step[window - 1:], _moving_average(loss, window), color="black", linewidth=1.4,
+                        label=f"moving average of {window} steps")
+            else:  # too few steps to average: the raw curve alone, drawn in full
+                ax.plot(step, loss, color=f"C{i}", linewidth=1.4, marker="o", markersize=3, label="every logged step")
+            evals = [r for r in records_of(e, logs, entries) if r.get("kind") == "eval"]
+            ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_yscale("log")
+            ax.set_title(f"{e['label']} ({e['algorithm']}, N={e['trained_steps']})", fontsize=9)
+            ax.grid(alpha=0.3)
+            if evals:
+                ax2 = ax.twinx()
+                ax2.plot([r["step"] for r in evals], [r.get("f1", np.nan) for r in evals], "o--", color="tab:green",
+                         markersize=4, linewidth=1, label="held-out F1 (right axis)")
+                ax2.set_ylim(0, 1.02)
+                ax2.tick_params(labelsize=7)
+                h1, l1 = ax.get_legend_handles_labels()
+                h2, l2 = ax2.get_legend_handles_labels()
+                ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)
+            else:
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)
+        axes[0, 0].set_ylabel("training loss (focal + LCP weight x penalty)")
         save(fig, "training_loss.png")
     return paths
+
+
+def records_of(e: dict, logs: list[list[dict]], entries: list[dict]) -> list[dict]:
+    """The log records of entry ``e`` (by position in ``entries``)."""
+    return logs[entries.index(e)]
 
 
 def diagnose(
