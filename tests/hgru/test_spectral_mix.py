@@ -95,6 +95,26 @@ def test_spectral_outer_matches_reference(name, dtype, size):
     assert_close(got, want, RTOL[real], name=f"{name} outer")
 
 
+@pytest.mark.skipif(native is None, reason="built with CRBP_FAST_NO_EXT=1")
+def test_native_outputs_on_huge_pages_are_exact():
+    # Outputs of 4 MiB and more get transparent huge pages on Linux (csrc/ops.cpp alloc_output):
+    # the madvise'd interior and the unaligned ends of a 9.4 MB spectrum gradient and of a 4.7 MB
+    # mix are all written (NaN-poisoned first by the fixture), and equal the reference.
+    b, o, c, m, nh = 2, 16, 16, 96, 49
+    p = torch.randn(b, o, m * nh, dtype=torch.complex64)
+    q = torch.randn(b, c, m * nh, dtype=torch.complex64)
+    got = native.spectral_outer(torch.view_as_real(p), torch.view_as_real(q), m)
+    assert got.nbytes >= 4 << 20
+    assert_close(got, spectral_outer(p, q, m), RTOL[torch.float32], name="native outer, huge pages")
+    spec = _random_spectrum(o, c, m, nh, torch.complex64)
+    layout = mix_layout(spec, (m, 2 * (nh - 1)))
+    z = torch.randn(4 * b, c, m * nh, dtype=torch.complex64)
+    mixed = native.spectral_mix(torch.view_as_real(z), layout, False)
+    assert mixed.nbytes >= 4 << 20
+    assert_close(mixed, torch.view_as_real(spectral_mix(z, layout, False)), RTOL[torch.float32],
+                 name="native mix, huge pages")
+
+
 def test_mix_layout_roundtrip_and_padding():
     spec = torch.randn(7 * 5, 2 * 3, 4, dtype=torch.float64)
     layout = mix_layout(spec, (7, 8))
