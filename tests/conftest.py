@@ -57,6 +57,16 @@ def full_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs (the bench's
+    :class:`crbp_fast.bench.memory.SavedTensorBytes`)."""
+    from crbp_fast.bench.memory import SavedTensorBytes
+
+    with SavedTensorBytes() as saved:
+        fn()
+    return saved.total
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0, name: str = "") -> None:
     """Relative-RMSE check with a max-abs escape hatch, and a hard fail on NaN/inf."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

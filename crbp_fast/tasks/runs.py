@@ -306,3 +306,13 @@ def output_folder(out: Path, names: Iterable[str], is_main: bool) -> Iterator[No
         if lock is not None:
             lock.release()
 
+
+def reduce_step(terms: list[torch.Tensor], stop_requested: bool, env: Dist) -> tuple[torch.Tensor, bool]:
+    """This step's logged scalars averaged over the ranks (float64), and whether any rank was asked
+    to stop, in one collective per step (none on one process)."""
+    reduced = torch.stack([*terms, torch.tensor(float(stop_requested), device=env.device)]).double()
+    if env.world > 1:
+        dist.all_reduce(reduced)
+        reduced[:-1] /= env.world
+    return reduced[:-1], bool(reduced[-1] > 0)
+

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_close
+from conftest import assert_close, saved_bytes
 
 from crbp_fast import AdjointDivergenceWarning, HGRUCell, fixed_point, lcp_penalty
 
@@ -190,19 +190,6 @@ def test_crbp_penalty_is_lcp_at_tracked_step_and_trains():
     assert_close(res.penalty.detach(), lcp_penalty(f, x, h_prev, target=0.05).detach(), rtol=1e-12, name="penalty")
     res.penalty.backward()
     assert f.w_gate_exc.grad is not None and f.w_gate_exc.grad.abs().sum() > 0
-
-
-def saved_bytes(fn) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def test_memory_is_constant_in_steps_for_rbp_and_crbp():

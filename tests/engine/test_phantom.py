@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import saved_bytes
+
 from crbp_fast import ConvLSTMCell, fixed_point
 
 DT = torch.float64
@@ -76,19 +78,6 @@ def test_damped_phantom_also_converges_and_keeps_the_fixed_point():
     with torch.no_grad():
         h_star = fixed_point(f, x, steps=100).state
     torch.testing.assert_close(res.state.detach(), h_star, rtol=1e-12, atol=1e-13)
-
-
-def saved_bytes(fn) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def test_phantom_memory_grows_with_k_and_is_constant_in_n():

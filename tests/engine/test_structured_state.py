@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from conftest import saved_bytes
+
 from crbp_fast import ConvLSTMCell, fixed_point, lcp_penalty
 
 DT = torch.float64
@@ -156,19 +158,6 @@ def test_lcp_on_a_tuple_is_the_dense_column_sum_penalty():
     torch.testing.assert_close(res.penalty.detach(), lcp_penalty(f, x, state3, target=0.5).detach(), rtol=1e-12, atol=0)
     (gw,) = torch.autograd.grad(res.penalty, f.w)
     assert gw.abs().sum() > 0
-
-
-def saved_bytes(fn) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def test_memory_is_constant_in_steps_for_rbp_and_crbp_with_a_two_tensor_state():

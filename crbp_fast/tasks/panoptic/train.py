@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from ..pathfinder.train import load_model_state
 from ..runs import (
     CheckpointError, ConfigError, Interrupted, RunLog, StepBatches, StopFlag, atomic_torch_save, check_same_data,
-    output_folder, process, restore, rng_state, set_rng_state,
+    output_folder, process, reduce_step, restore, rng_state, set_rng_state,
 )
 from .config import RESUMABLE_CHANGES, PanopticTrainConfig
 from .data import CocoPanoptic, collate
@@ -233,12 +233,8 @@ def _train_locked(config: PanopticTrainConfig, env, after_backward, after_step) 
                     after_step(step)
                 terms = [loss.detach(), task_loss.detach(),
                          penalty.detach() if penalty is not None else torch.zeros((), device=env.device),
-                         *(v.detach() for v in output.losses.values()),
-                         torch.tensor(float(stop.requested), device=env.device)]
-                reduced = torch.stack(terms).double()
-                if env.world > 1:  # one collective per step: the logged means, and any stop request
-                    dist.all_reduce(reduced)
-                    reduced[:-1] /= env.world
+                         *(v.detach() for v in output.losses.values())]
+                reduced, stop_any = reduce_step(terms, stop.requested, env)
                 seconds = time.perf_counter() - t0
                 elapsed += seconds
                 loss_value = float(reduced[0])
@@ -253,7 +249,7 @@ def _train_locked(config: PanopticTrainConfig, env, after_backward, after_step) 
                     write({
                         "kind": "train", "step": step, "loss": loss_value, "task_loss": float(reduced[1]),
                         "penalty": float(reduced[2]) if penalty is not None else None,
-                        **{k: float(v) for k, v in zip(output.losses, reduced[3:-1])},
+                        **{k: float(v) for k, v in zip(output.losses, reduced[3:])},
                         "forward_residual": max((s.max_forward_residual for s in stats), default=None),
                         "adjoint_iterations": max(adjoint, default=None),
                         "seconds": seconds, "elapsed": elapsed, "lr": optimizer.param_groups[0]["lr"],
@@ -266,7 +262,7 @@ def _train_locked(config: PanopticTrainConfig, env, after_backward, after_step) 
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save(step)
                     saved_step = step
-                if float(reduced[-1]) > 0:
+                if stop_any:
                     raise Interrupted(step, save(step))
         bar.close()
         if step > start and eval_set is not None:

@@ -53,7 +53,7 @@ from ...hgru.backends import BACKEND_NAMES
 from ...hgru.reference import NORM_KINDS
 from ..runs import (
     CheckpointError, ConfigError, Dist, Interrupted, RunLog, StepBatches, StopFlag, atomic_torch_save, check_same_data,
-    output_folder, process, restore, rng_state,
+    output_folder, process, reduce_step, restore, rng_state,
 )
 from .losses import FOCAL_VARIANTS, focal_loss
 from .metrics import confusion, scores
@@ -481,12 +481,7 @@ def _train_locked(config: TrainConfig, env: Dist, after_backward, after_step, da
                 if after_step is not None:
                     after_step(step)
                 penalty = output.penalty.detach() if output.penalty is not None else torch.zeros((), device=env.device)
-                # One collective per step: the logged means, and whether any rank was asked to stop.
-                reduced = torch.stack([loss.detach(), task_loss.detach(), penalty,
-                                       torch.tensor(float(stop.requested), device=env.device)]).double()
-                if env.world > 1:
-                    dist.all_reduce(reduced)
-                    reduced[:3] /= env.world
+                reduced, stop_any = reduce_step([loss.detach(), task_loss.detach(), penalty], stop.requested, env)
                 seconds = time.perf_counter() - t0
                 elapsed += seconds
                 loss_value = float(reduced[0])
@@ -512,7 +507,7 @@ def _train_locked(config: TrainConfig, env: Dist, after_backward, after_step, da
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save(step)
                     saved_step = step
-                if float(reduced[3]) > 0:
+                if stop_any:
                     raise Interrupted(step, save(step))
         bar.close()
         if step > start and config.eval_size:
