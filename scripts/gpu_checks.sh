@@ -11,7 +11,10 @@
 #                                       #   ResNet-50, width 256; BPTT 1-5, C-RBP 5-20; needs the
 #                                       #   image's torchvision), then the whole test suite on the
 #                                       #   GPU (autotuned) with what is left
-#   CRBP_GPU_DRYRUN=1 OUT=DIR bash scripts/gpu_checks.sh smoke|full   # the same stages on CPU, tiny
+#   bash scripts/gpu_checks.sh targets  # <= 3 min: the speed targets of issue 11 (crbp_fast bench
+#                                       #   targets: B=32, N=20, K=15 crbp iteration vs the published
+#                                       #   algorithm and BPTT-6, gradients, step and VJP ratios)
+#   CRBP_GPU_DRYRUN=1 OUT=DIR bash scripts/gpu_checks.sh smoke|full|targets   # the same stages on CPU, tiny
 #
 # Send smoke, then full, back to back on one warm machine: full reuses smoke's in-place build.
 # Everything goes to $OUT (the device tool's folder; a new temporary folder when OUT is unset),
@@ -21,6 +24,8 @@
 #   build.log     the whole output of the extension build
 #   tests-*.xml   JUnit reports of the pytest stages (smoke: gpu + paper; full: full)
 #   bandwidth.jsonl    Triton pass bandwidth rows (fp32 in smoke, bf16 in full)
+#   targets.json  targets only: the measured ratios with met / missed (commit it under
+#                 benchmarks/results/ as targets-<device>.json)
 #   records/      full only: the bench records (<device>.jsonl) and their two plots; the panoptic
 #                 rows (preset panoptic-coco) are appended to the same <device>.jsonl after the
 #                 plots are drawn (their own file or plot would be a 9th file): commit those rows
@@ -36,7 +41,8 @@ MODE="${1:-smoke}"
 case "$MODE" in
   smoke) BUDGET=235 ;;
   full) BUDGET=355 ;;
-  *) echo "gpu_checks.sh: expected 'smoke' or 'full', got '$MODE'" >&2; exit 2 ;;
+  targets) BUDGET=175 ;;
+  *) echo "gpu_checks.sh: expected 'smoke', 'full' or 'targets', got '$MODE'" >&2; exit 2 ;;
 esac
 DRY="${CRBP_GPU_DRYRUN:-0}"
 OUT="${OUT:-$(mktemp -d -t crbp-gpu-checks.XXXXXX)}"
@@ -66,6 +72,7 @@ if [ "$DRY" = 1 ]; then
   BW_ARGS=(--shape 1 3 9 7 --kernel-size 3 --repeats 2 --device cpu)
   BF16=float32  # the CPU kernels have no bfloat16 storage: the stage's plumbing runs in float32
   PANOPTIC=(--preset cpu --size 64 96 --batch 1 --fpn-width 16 --bptt-steps 1 2 --crbp-steps 2 4 --cell-backend torch)
+  TARGETS=(--quick --repeats 2 --device cpu)
 else
   PY=python3
   SHAPE_BENCH=(--paper --repeats 5 --warmup 2)
@@ -75,6 +82,7 @@ else
   BW_ARGS=(--repeats 20)
   BF16=bfloat16
   PANOPTIC=(--preset coco --device cuda)
+  TARGETS=(--repeats 3 --device cuda)
 fi
 # The panoptic stage needs torchvision: CRBP_VISION_PY if set; on the GPU image its python3 (which
 # has torchvision); on CPU the vision environment of scripts/setup_vision_env.sh (resolved when
@@ -195,6 +203,8 @@ if [ "$MODE" = smoke ]; then
     tests/hgru/test_triton_backend.py
   CRBP_FAST_TRITON_ONE_CONFIG=1 pytest_stage "paper-shape checks" 90 paper tests/hgru/test_paper_shape.py
   stage "bandwidth fp32" 45 "$PY" -m crbp_fast.hgru.triton.bandwidth --dtype float32 "${BW_ARGS[@]}" --out "$OUT/bandwidth.jsonl"
+elif [ "$MODE" = targets ]; then
+  stage "bench targets" 120 bench targets "${TARGETS[@]}" --out "$OUT/targets.json"
 else
   # The records first (the README's GPU table is filled from them; rows are kept as measured),
   # then the whole suite with what is left of the budget.

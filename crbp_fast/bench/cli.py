@@ -6,6 +6,7 @@
     crbp-fast bench phases --batch 2 --size 150 --channels 25 --kernel-size 15 --speed-steps 10 \
         --adjoint-steps 10 --algorithms crbp --backends native --conv fft   # phases + roofline
     crbp-fast bench panoptic --preset cpu  # Panoptic FPN: BPTT 1-5 vs C-RBP 5-20 (torchvision)
+    crbp-fast bench targets                # the iteration / step / VJP speed targets, met or missed
     crbp-fast bench plot                   # PNGs + Markdown from benchmarks/results/*.jsonl
 
 Without ``--quick`` or ``--paper`` the preset is ``--paper`` on CUDA and ``--quick`` on CPU;
@@ -55,7 +56,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     """Add ``crbp-fast <name> {memory,speed,all,plot}`` to the top-level CLI."""
     bench = _one_line_errors(subparsers.add_parser(name, help=help_text, description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,phases,all,panoptic,plot}")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="{memory,speed,phases,all,panoptic,targets,plot}")
     helps = {
         "memory": "peak memory of one training iteration as N grows",
         "speed": "time a step, an adjoint VJP and a training iteration",
@@ -73,6 +74,21 @@ def register(subparsers, name: str, help_text: str) -> None:
         description="Peak memory (saved for backward; CUDA max allocated) of one Panoptic FPN training iteration "
                     "with recurrent FPN laterals, BPTT at 1-5 steps against C-RBP at 5-20 (the paper's table). "
                     "Needs torchvision (scripts/setup_vision_env.sh).")))
+    parser = _one_line_errors(sub.add_parser(
+        "targets", help="the speed targets of a crbp iteration, a step and a VJP against the published algorithm",
+        description="Times, in one process and interleaved (medians), a crbp training iteration with the defaults "
+                    "against the published algorithm (torch / direct, adjoint and penalty through autograd) and "
+                    "BPTT-6, their gradients' relative error, and a no-grad step and an adjoint VJP against "
+                    "torch / direct; each ratio against its target (CPU: B=2 iteration >= 6x, B=4 step and VJP "
+                    ">= 8x; CUDA: B=32, N=20, K=15 iteration >= 4x and faster than BPTT-6)."))
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--repeats", type=int, default=3, metavar="R", help="interleaved rounds (default: 3)")
+    parser.add_argument("--threads", type=int, metavar="T", help="torch.set_num_threads (default: 1 on CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny shape (B2-C4-24x24-k5, N=4, K=3): checks the command, measures nothing useful")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="also write the result as JSON (default: <out dir>/targets-<device-slug>.json)")
+    parser.set_defaults(func=_run_targets)
     parser = _one_line_errors(sub.add_parser(
         "plot", help="PNG plots and a Markdown table from stored records",
         description="PNG plots (memory vs N, speed bars) and a Markdown table from stored records; the "
@@ -274,6 +290,39 @@ def _run_sweep(args: argparse.Namespace) -> int:
             print(f"wrote {png}")
     print()
     print(markdown(shown))
+    return 0
+
+
+def _run_targets(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
+    from .records import device_slug
+    from .targets import SETTINGS, format_targets, measure_targets, write_targets
+
+    device = resolve_device(args.device)
+    repeats = _positive("--repeats", args.repeats)
+    threads = _positive("--threads", args.threads) if args.threads is not None else (
+        1 if device.type == "cpu" else torch.get_num_threads())
+    setting = SETTINGS["cuda" if device.type == "cuda" else "cpu"]
+    if args.quick:
+        tiny = Shape(2, 4, 24, 24, 5)
+        setting = replace(setting, iteration_shape=tiny, op_shape=tiny, steps=4, adjoint_steps=3)
+    env = Environment.capture(device, "targets")
+    out = args.out if args.out is not None else DEFAULT_OUT / f"targets-{device_slug(env.device_name)}.json"
+    _writable_dir("--out", out.parent)
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        # As in the sweep: cuDNN at its fastest algorithm, both engines in full float32 (no TF32).
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"crbp-fast bench targets: {env.device_name} ({device}), iteration {setting.iteration_shape.id} "
+          f"N={setting.steps} K={setting.adjoint_steps}, ops {setting.op_shape.id}, {threads} thread(s)", flush=True)
+    result = measure_targets(device, setting, repeats, progress=lambda line: print("  " + line, flush=True))
+    result["environment"] = asdict(env)
+    write_targets(result, out)
+    print(format_targets(result))
+    print(f"wrote {out}")
     return 0
 
 
