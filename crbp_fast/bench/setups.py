@@ -248,10 +248,12 @@ def vjp_fn(cell: HGRUCell, x: Tensor, seed: int = 1) -> Callable[[], Tensor]:
 
 
 def training_loss(
-    cell: HGRUCell, x: Tensor, algorithm: str, steps: int, adjoint_steps: int,
+    cell: HGRUCell, x: Tensor, algorithm: str, steps: int, adjoint_steps: int, use_linearize: bool | None = None,
 ) -> tuple[Tensor, FixedPointStats]:
-    """Forward of one training iteration: (loss, stats). ``adjoint_tol=0``: exactly ``adjoint_steps``."""
-    res = fixed_point(cell, x, steps=steps, algorithm=algorithm, adjoint_steps=adjoint_steps, adjoint_tol=0.0)
+    """Forward of one training iteration: (loss, stats). ``adjoint_tol=0``: exactly ``adjoint_steps``;
+    ``use_linearize=False``: the adjoint through autograd, as the published algorithm."""
+    res = fixed_point(cell, x, steps=steps, algorithm=algorithm, adjoint_steps=adjoint_steps, adjoint_tol=0.0,
+                      use_linearize=use_linearize)
     loss = res.state.square().mean()
     if res.penalty is not None:
         loss = loss + PENALTY_WEIGHT * res.penalty
@@ -259,7 +261,7 @@ def training_loss(
 
 
 def train_iteration_fn(
-    cell: HGRUCell, x: Tensor, algorithm: str, steps: int, adjoint_steps: int,
+    cell: HGRUCell, x: Tensor, algorithm: str, steps: int, adjoint_steps: int, use_linearize: bool | None = None,
 ) -> Callable[[], FixedPointStats]:
     """One full training iteration (forward, loss, penalty, backward); returns the solve's stats."""
     if algorithm not in ALGORITHMS:
@@ -267,7 +269,7 @@ def train_iteration_fn(
 
     def run() -> FixedPointStats:
         cell.zero_grad(set_to_none=True)
-        loss, stats = training_loss(cell, x, algorithm, steps, adjoint_steps)
+        loss, stats = training_loss(cell, x, algorithm, steps, adjoint_steps, use_linearize)
         loss.backward()
         return stats
 
