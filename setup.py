@@ -72,7 +72,7 @@ def _native_extension() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/bindings.cpp", "csrc/ops.cpp", "csrc/cpu/hgru_cpu.cpp", "csrc/cpu/kernels_base.cpp",
-               "csrc/cpu/kernels_avx2.cpp"]
+               "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
     # -fno-trapping-math lets GCC if-convert (and so vectorise) the selects of the branch-free
     # exp / log1p; -ffp-contract=fast lets it use FMA. -fopenmp makes at::parallel_for parallel
     # (its OpenMP body is compiled into the extension) and enables `#pragma omp simd`. -g0

@@ -12,9 +12,9 @@ using namespace crbp::ops;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused hGRU passes (C++ on CPU, CUDA on GPU); see crbp_fast/hgru/reference.py for the math.";
   m.def("with_cuda", &with_cuda, "Whether the extension was built with its CUDA kernels.");
-  m.def("cpu_isa", &cpu_isa, "The instruction set the CPU kernels run with: 'avx2' or 'base'.");
+  m.def("cpu_isa", &cpu_isa, "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'base'.");
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
-        "Run the CPU kernels with 'avx2' or 'base' (the default comes from the CPU and CRBP_FAST_CPU_ISA).");
+        "Run the CPU kernels with 'avx512', 'avx2' or 'base' (the default comes from the CPU and CRBP_FAST_CPU_ISA).");
 
   m.def("norm_stats", &norm_stats, py::arg("c"), py::arg("kind"), py::arg("groups"), py::arg("eps"),
         "Per-(b, c) mean and invstd, each (B, C), over the norm's reduction set.");

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import pytest
@@ -82,3 +84,35 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
 
 def shape_id(b: int, c: int, h: int, w: int, k: int) -> str:
     return f"B{b}-C{c}-H{h}-W{w}-k{k}"
+
+
+CPU_ISAS = ("base", "avx2", "avx512")
+
+
+def cpu_runs(isa: str) -> bool:
+    """Whether the native extension runs its CPU kernels with `isa` here (False without it)."""
+    try:
+        from crbp_fast.hgru.native import _C
+    except ImportError:
+        return False
+    before = _C.cpu_isa()
+    try:
+        _C.set_cpu_isa(isa)
+    except RuntimeError:
+        return False
+    finally:
+        _C.set_cpu_isa(before)
+    return True
+
+
+@contextlib.contextmanager
+def cpu_isa(isa: str):
+    """The native CPU kernels of `isa` inside the block, the previous instruction set after it."""
+    from crbp_fast.hgru.native import _C
+
+    before = _C.cpu_isa()
+    _C.set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(before)

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from ..tasks.runs import atomic_write_text
+from .records import device_name
 from .setups import Shape, make_cell, make_inputs, step_fn, synchronize, train_iteration_fn, vjp_fn
 
 
@@ -121,10 +122,22 @@ def measure_targets(device: torch.device, setting: TargetSetting, repeats: int =
         _row("adjoint VJP vs torch/direct", med["vjp torch/direct"] / med["vjp default"], s.op_ratio),
     ]
     return {
-        "device": str(device), "threads": torch.get_num_threads(), "setting": _setting_dict(s),
+        "device": str(device), "device_name": device_name(device), "cpu_isa": _cpu_isa(device),
+        "threads": torch.get_num_threads(), "setting": _setting_dict(s),
         "repeats": repeats, "median_s": med, "samples_s": {**it_times, **op_times},
         "grad_rel_err": errors, "grad_rel_err_total": total, "rows": rows,
     }
+
+
+def _cpu_isa(device: torch.device) -> str | None:
+    """The instruction set the native CPU kernels ran with (None on a GPU or without the extension)."""
+    if device.type != "cpu":
+        return None
+    try:
+        from crbp_fast.hgru.native import _C
+    except ImportError:
+        return None
+    return _C.cpu_isa()
 
 
 def _setting_dict(s: TargetSetting) -> dict:

@@ -30,31 +30,42 @@ using std::int64_t;
 // ---------------------------------------------------------------------------------------------
 // Instruction set
 
-enum Isa : int { kIsaUnset = -1, kIsaBase = 0, kIsaAvx2 = 1 };
+enum Isa : int { kIsaUnset = -1, kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 std::atomic<int> g_isa{kIsaUnset};
+constexpr const char* kIsaNames[] = {"base", "avx2", "avx512"};
 
-bool cpu_has_avx2() {
+// Whether the CPU (and the OS, whose saved register state libgcc's cpuinfo checks) runs `isa`.
+bool cpu_has(int isa) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == kIsaAvx2) return avx2;
+  if (isa == kIsaAvx512)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
 #endif
+  return isa == kIsaBase;
 }
 
 int parse_isa(const char* name, const char* source) {
-  const bool avx2 = std::strcmp(name, "avx2") == 0;
-  TORCH_CHECK(avx2 || std::strcmp(name, "base") == 0, source, ": expected 'base' or 'avx2', got '", name, "'");
-  TORCH_CHECK(!avx2 || cpu_has_avx2(), source, ": 'avx2' was asked for but this CPU has no AVX2 + FMA");
-  return avx2 ? kIsaAvx2 : kIsaBase;
+  int isa = kIsaUnset;
+  for (int i = kIsaBase; i <= kIsaAvx512; ++i)
+    if (std::strcmp(name, kIsaNames[i]) == 0) isa = i;
+  TORCH_CHECK(isa != kIsaUnset, source, ": expected 'base', 'avx2' or 'avx512', got '", name, "'");
+  TORCH_CHECK(cpu_has(isa), source, ": '", name, "' was asked for but this CPU does not run it",
+              isa == kIsaAvx512 ? " (AVX-512 F, VL, DQ and BW)" : " (AVX2 + FMA)");
+  return isa;
 }
+
+// The widest instruction set this CPU runs: AVX-512 halves the time of the transcendental-bound
+// passes against AVX2 on the CPU this was measured on (crbp_fast/bench/targets.py).
+int best_isa() { return cpu_has(kIsaAvx512) ? kIsaAvx512 : cpu_has(kIsaAvx2) ? kIsaAvx2 : kIsaBase; }
 
 int current_isa() {
   int isa = g_isa.load();
   if (isa == kIsaUnset) {
     const char* env = std::getenv("CRBP_FAST_CPU_ISA");
-    isa = (env != nullptr && *env != '\0') ? parse_isa(env, "CRBP_FAST_CPU_ISA")
-                                           : (cpu_has_avx2() ? kIsaAvx2 : kIsaBase);
+    isa = (env != nullptr && *env != '\0') ? parse_isa(env, "CRBP_FAST_CPU_ISA") : best_isa();
     g_isa.store(isa);
   }
   return isa;
@@ -63,6 +74,7 @@ int current_isa() {
 template <typename T>
 const KernelTable<T>& kernels() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (current_isa() == kIsaAvx512) return avx512::kernel_table<T>();
   if (current_isa() == kIsaAvx2) return avx2::kernel_table<T>();
 #endif
   return base::kernel_table<T>();
@@ -219,7 +231,7 @@ T* ptr_or_null(Tensor& t) {
 
 }  // namespace
 
-const char* isa() { return current_isa() == kIsaAvx2 ? "avx2" : "base"; }
+const char* isa() { return kIsaNames[current_isa()]; }
 
 void set_isa(const char* name) { g_isa.store(parse_isa(name, "set_cpu_isa")); }
 

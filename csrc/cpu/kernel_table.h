@@ -187,5 +187,9 @@ namespace avx2 {
 template <typename T>
 const KernelTable<T>& kernel_table();
 }
+namespace avx512 {
+template <typename T>
+const KernelTable<T>& kernel_table();
+}
 
 }  // namespace crbp::cpu

@@ -45,17 +45,21 @@ inline void zero_tail(T* row, int64_t n) {
   for (int64_t t = n; t < kTile<T>; ++t) row[t] = T(0);
 }
 
-// 32-byte SIMD vectors through GCC / Clang vector extensions: AVX2 registers in the AVX2 object,
-// pairs of SSE2 / NEON registers in the baseline one.
+// SIMD vectors of CRBP_SIMD_BYTES (32 unless the including file says otherwise) through GCC /
+// Clang vector extensions: AVX-512 registers in the AVX-512 object (64 bytes), AVX2 registers in
+// the AVX2 one, pairs of SSE2 / NEON registers in the baseline one.
+#ifndef CRBP_SIMD_BYTES
+#define CRBP_SIMD_BYTES 32
+#endif
 template <typename T>
 struct Simd;
 template <>
 struct Simd<float> {
-  typedef float V __attribute__((vector_size(32)));
+  typedef float V __attribute__((vector_size(CRBP_SIMD_BYTES)));
 };
 template <>
 struct Simd<double> {
-  typedef double V __attribute__((vector_size(32)));
+  typedef double V __attribute__((vector_size(CRBP_SIMD_BYTES)));
 };
 
 // Vectors by reference rather than by value: passing a 32-byte vector by value changes the ABI
@@ -411,7 +415,8 @@ inline void prefetch_row(const T* row) {
 // acc[b] += K z[b] (CONJ false) or conj(K) z[b] (CONJ true). `zs` is the deinterleaved tile,
 // (samples, X, 2, kMixLanes); `k` the spectrum block of this output channel, input channel x at
 // k + x * stride_x; `acc` receives (NB, 2, kMixLanes). NB * NV <= 4 keeps the 2 NB NV
-// accumulators, the kernel pair and the input pair in 12 of AVX2's 16 registers; per input
+// accumulators, the kernel pair and the input pair in 12 of AVX2's 16 registers (NB * NV <= 8
+// in 22 of AVX-512's 32); per input
 // channel that is 2 NV + 2 NB NV loads against 4 NB NV FMAs (the old form, one sample at a time
 // with its accumulators in memory, did three loads and a store per FMA pair and ran at about a
 // third of the machine's GEMM rate).
@@ -466,7 +471,9 @@ template <typename T, bool CONJ, int NB>
 inline void mix_samples(const T* zs, int64_t nx, const T* k, int64_t stride_x, T* acc, const T* prefetch) {
   using V = typename Simd<T>::V;
   constexpr int64_t vectors = kMixLanes / static_cast<int64_t>(sizeof(V) / sizeof(T));
-  constexpr int NV = NB == 1 ? 4 : NB == 2 ? 2 : 1;
+  // Accumulator pairs per block: 4 with 16 vector registers, 8 with AVX-512's 32.
+  constexpr int pairs = CRBP_SIMD_BYTES >= 64 ? 8 : 4;
+  constexpr int NV = pairs / NB < vectors ? pairs / NB : static_cast<int>(vectors);
   static_assert(vectors % NV == 0, "a tile is a whole number of vector blocks");
   for (int64_t v0 = 0; v0 < vectors; v0 += NV)
     mix_block<T, CONJ, NB, NV>(zs, nx, k, stride_x, v0, acc, v0 == 0 ? prefetch : nullptr);
@@ -554,56 +561,60 @@ inline void deinterleave(const T* src, int64_t n, T* re, T* im) {
   for (int64_t t = n; t < kMixLanes; ++t) re[t] = im[t] = T(0);
 }
 
+// The spectrum gradient of one tile. Each frequency's (2, C, O) block of S is one contiguous run
+// of memory, so the kernel works frequency by frequency with the output channel o in the SIMD
+// lanes: p is transposed into the scratch as (samples, lanes, 2, O) rows, q deinterleaved as
+// (samples, C, 2, lanes), and D[c, :] of a frequency is a rank-B update of one contiguous row
+// written once (the former form, the tile's frequencies in the lanes, scattered every value of
+// S to its own row and ran at about 8x the time of this one's stream of S).
 template <typename T>
 void spectral_outer(const SpectralOuterArgs<T>& a, T* scratch) {
   constexpr int64_t L = kMixLanes;
   const int64_t no = a.out_ch, nc = a.in_ch;
   for (int64_t b0 = 0; b0 < a.batch; b0 += kMixBatch) {
     const int64_t nb = a.batch - b0 < kMixBatch ? a.batch - b0 : kMixBatch;
-    T* ps = scratch;                  // (nb, O, 2, L)
+    T* ps = scratch;                    // (nb, L, 2, O)
     T* qs = scratch + nb * no * 2 * L;  // (nb, C, 2, L)
     for (int64_t bb = 0; bb < nb; ++bb) {
       for (int64_t o = 0; o < no; ++o) {
-        T* r = ps + (bb * no + o) * 2 * L;
-        deinterleave(a.p + (((b0 + bb) * no + o) * a.planes + a.p0) * 2, a.n, r, r + L);
+        const T* src = a.p + (((b0 + bb) * no + o) * a.planes + a.p0) * 2;
+        T* dst = ps + bb * L * 2 * no + o;
+        for (int64_t t = 0; t < a.n; ++t) {
+          dst[t * 2 * no] = src[2 * t];
+          dst[t * 2 * no + no] = src[2 * t + 1];
+        }
       }
       for (int64_t c = 0; c < nc; ++c) {
         T* r = qs + (bb * nc + c) * 2 * L;
         deinterleave(a.q + (((b0 + bb) * nc + c) * a.planes + a.p0) * 2, a.n, r, r + L);
       }
     }
-    // The destination row of each lane's frequency in S.
-    int64_t row[L];
     for (int64_t t = 0; t < a.n; ++t) {
+      // Frequency f = u Nh + v (rfft2 order) is row v M + u of S.
       const int64_t f = a.p0 + t;
-      row[t] = ((f % a.cols) * a.rows + f / a.cols) * 2 * nc * no;
-    }
-    for (int64_t o = 0; o < no; ++o) {
+      T* dre = a.d + ((f % a.cols) * a.rows + f / a.cols) * 2 * nc * no;
+      T* dim = dre + nc * no;
       for (int64_t c = 0; c < nc; ++c) {
-        T ar[L], ai[L];
-        for (int64_t t = 0; t < L; ++t) ar[t] = ai[t] = T(0);
-        for (int64_t bb = 0; bb < nb; ++bb) {
-          const T* pr = ps + (bb * no + o) * 2 * L;
-          const T* pi = pr + L;
-          const T* qr = qs + (bb * nc + c) * 2 * L;
-          const T* qi = qr + L;
-#pragma omp simd
-          for (int64_t t = 0; t < L; ++t) {
-            ar[t] += pr[t] * qr[t] + pi[t] * qi[t];
-            ai[t] += pi[t] * qr[t] - pr[t] * qi[t];
-          }
-        }
-        T* dre = a.d + c * no + o;
-        T* dim = dre + nc * no;
+        T* ore = dre + c * no;
+        T* oim = dim + c * no;
         if (b0 == 0) {
-          for (int64_t t = 0; t < a.n; ++t) {
-            dre[row[t]] = ar[t];
-            dim[row[t]] = ai[t];
-          }
-        } else {
-          for (int64_t t = 0; t < a.n; ++t) {
-            dre[row[t]] += ar[t];
-            dim[row[t]] += ai[t];
+#pragma omp simd
+          for (int64_t o = 0; o < no; ++o) ore[o] = oim[o] = T(0);
+        }
+        for (int64_t bb = 0; bb < nb; ++bb) {
+          const T* pr = ps + (bb * L + t) * 2 * no;
+          const T* pi = pr + no;
+          const T qr = qs[(bb * nc + c) * 2 * L + t], qi = qs[(bb * nc + c) * 2 * L + L + t];
+          // D += p conj(q): one product per statement (one FMA each).
+#pragma omp simd
+          for (int64_t o = 0; o < no; ++o) {
+            T re = ore[o], im = oim[o];
+            re += pr[o] * qr;
+            re += pi[o] * qi;
+            im += pi[o] * qr;
+            im -= pr[o] * qi;
+            ore[o] = re;
+            oim[o] = im;
           }
         }
       }

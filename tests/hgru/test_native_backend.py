@@ -17,7 +17,7 @@ import torch
 
 import backend_cases
 from backend_cases import reference_vjp
-from conftest import assert_close
+from conftest import CPU_ISAS, assert_close, cpu_isa, cpu_runs
 
 from crbp_fast import HGRUCell, fixed_point
 from crbp_fast.conv import engines as conv_engines
@@ -139,18 +139,20 @@ def test_planes_larger_than_a_work_chunk():
     check_step_and_vjp(cell, x, h, RTOL[torch.float64])
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_each_cpu_instruction_set(isa):
-    if isa == "avx2" and _C.cpu_isa() != "avx2":
-        pytest.skip("this CPU runs the baseline kernels only")
-    before = _C.cpu_isa()
-    _C.set_cpu_isa(isa)
-    try:
+    if not cpu_runs(isa):
+        pytest.skip(f"this CPU does not run the {isa} kernels")
+    with cpu_isa(isa):
+        assert _C.cpu_isa() == isa
         for dtype in DTYPES:
             cell, x, h = make_problem(SMALL, 3, "group", dtype=dtype)
             check_step_and_vjp(cell, x, h, RTOL[dtype])
-    finally:
-        _C.set_cpu_isa(before)
+
+
+def test_unknown_cpu_instruction_set_is_refused():
+    with pytest.raises(RuntimeError, match="expected 'base', 'avx2' or 'avx512', got 'sse9'"):
+        _C.set_cpu_isa("sse9")
 
 
 def test_non_contiguous_inputs():

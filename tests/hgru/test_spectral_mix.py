@@ -8,13 +8,14 @@ reference (backend="torch", conv="direct")."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close
+from conftest import CPU_ISAS, assert_close, cpu_isa, cpu_runs
 
 from crbp_fast import HGRUCell, fixed_point
 from crbp_fast.conv import fft as fft_conv
@@ -33,12 +34,16 @@ try:
 except ImportError:
     triton_hgru = None
 
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(
+    triton_hgru is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton (a GPU or the interpreter)"))
+# The kernels themselves: the native ones once per CPU instruction set (each ISA's object is its
+# own compiled code), then Triton.
 KERNELS = [
-    pytest.param("native", marks=pytest.mark.skipif(native is None, reason="built with CRBP_FAST_NO_EXT=1")),
-    pytest.param("triton", marks=pytest.mark.skipif(
-        triton_hgru is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-        reason="needs triton (a GPU or the interpreter)")),
-]
+    pytest.param(f"native-{isa}", marks=pytest.mark.skipif(
+        native is None or not cpu_runs(isa), reason=f"needs the native extension and a CPU that runs {isa}"))
+    for isa in CPU_ISAS
+] + [TRITON]
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 RTOL = {torch.float32: 3e-6, torch.float64: 1e-13}
 # (B, O, C, M, Nh): P = M * Nh frequencies; 9 samples pass the CPU kernels' batch block of 8.
@@ -50,9 +55,14 @@ def _nan_fill(monkeypatch):
     monkeypatch.setenv("CRBP_FAST_DEBUG_NAN_FILL", "1")
 
 
+@contextlib.contextmanager
 def _impl(name: str):
-    mod = native if name == "native" else triton_hgru
-    return mod.spectral_mix, mod.spectral_outer
+    """(spectral_mix, spectral_outer) of kernel `name` ('native-<isa>' or 'triton')."""
+    if name.startswith("native-"):
+        with cpu_isa(name.removeprefix("native-")):
+            yield native.spectral_mix, native.spectral_outer
+    else:
+        yield triton_hgru.spectral_mix, triton_hgru.spectral_outer
 
 
 def _random_spectrum(o, c, m, nh, dtype):
@@ -66,11 +76,11 @@ def _random_spectrum(o, c, m, nh, dtype):
 @pytest.mark.parametrize("transpose", (False, True))
 def test_spectral_mix_matches_reference(name, dtype, size, transpose):
     b, o, c, m, nh = size
-    mix, _ = _impl(name)
     spec = _random_spectrum(o, c, m, nh, dtype)
     layout = mix_layout(spec, (m, 2 * (nh - 1)))
     z = torch.randn(b, o if transpose else c, m * nh, dtype=dtype, device=DEV)
-    got = torch.view_as_complex(mix(torch.view_as_real(z), layout, transpose))
+    with _impl(name) as (mix, _):
+        got = torch.view_as_complex(mix(torch.view_as_real(z), layout, transpose))
     want = spectral_mix(z, layout, transpose)
     real = torch.float32 if dtype == torch.complex64 else torch.float64
     assert_close(torch.view_as_real(got), torch.view_as_real(want), RTOL[real], name=f"{name} mix")
@@ -85,10 +95,10 @@ def test_spectral_mix_matches_reference(name, dtype, size, transpose):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "B{}-O{}-C{}-M{}-Nh{}".format(*s))
 def test_spectral_outer_matches_reference(name, dtype, size):
     b, o, c, m, nh = size
-    _, outer = _impl(name)
     p = torch.randn(b, o, m * nh, dtype=dtype, device=DEV)
     q = torch.randn(b, c, m * nh, dtype=dtype, device=DEV)
-    got = outer(torch.view_as_real(p), torch.view_as_real(q), m)
+    with _impl(name) as (_, outer):
+        got = outer(torch.view_as_real(p), torch.view_as_real(q), m)
     want = spectral_outer(p, q, m)
     real = torch.float32 if dtype == torch.complex64 else torch.float64
     assert got.shape == (m * nh, 2 * c, o)
@@ -158,7 +168,9 @@ def test_mix_env_var_is_checked(monkeypatch):
         FFTConv().conv(torch.randn(1, 2, 9, 9), torch.randn(2, 2, 3, 3))
 
 
-MIXES = ["torch", *KERNELS]
+# The FFT engine's mix choices (CRBP_FAST_FFT_MIX): native runs the default instruction set.
+MIXES = ["torch", pytest.param("native", marks=pytest.mark.skipif(native is None, reason="built with CRBP_FAST_NO_EXT=1")),
+         TRITON]
 
 
 @pytest.mark.parametrize("mix", MIXES)
