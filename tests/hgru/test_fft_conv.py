@@ -14,6 +14,7 @@ from conftest import assert_close
 
 from crbp_fast import HGRUCell, fixed_point, lcp_penalty
 from crbp_fast.conv import engines as conv_engines
+from crbp_fast.conv import fft as fft_conv
 from crbp_fast.conv.engines import DIRECT, FFT
 from crbp_fast.engine.solvers import AdjointDivergenceWarning
 from crbp_fast.conv.fft import FFTConv, SpectraScope, fft_shape, kernel_spectrum, kernel_spectrum_adjoint, smooth_size
@@ -101,6 +102,30 @@ def test_gradients_match_direct(case, dtype):
         (gx, gw), (rx, rw) = grads
         assert rel_err(gx, rx) <= RTOL[dtype], f"input gradient, transpose={transpose}"
         assert rel_err(gw, rw) <= RTOL[dtype], f"weight gradient, transpose={transpose}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape, crop", [((18, 12), (13, 11)), ((15, 9), (15, 9)), ((20, 25), (7, 20))])
+def test_inverse_transform_fast_path_matches_torch(shape, crop, dtype):
+    """The inverse outside autograd (pocketfft's strided column ifft on CPU) against torch's
+    irfft2 cropped, on odd sizes and a conjugate-bit view; tracked input keeps torch's
+    differentiable path."""
+    m, n = shape
+    cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    z = torch.randn(3, 2, m, n // 2 + 1, dtype=cdtype)
+    want = torch.fft.irfft2(z, s=shape)[..., : crop[0], : crop[1]]
+    for given in (z, z.conj().conj(), torch.conj(z.conj().resolve_conj())):
+        got = fft_conv._inverse(given, shape, *crop)
+        assert got.is_contiguous() and got.dtype == dtype
+        assert_close(got, want, RTOL[dtype], name="inverse")
+    tracked = z.clone().requires_grad_(True)
+    out = fft_conv._inverse(tracked, shape, *crop)
+    assert out.grad_fn is not None, "a tracked input must stay in the graph"
+    (g,) = torch.autograd.grad(out.sum(), tracked)
+    (g_ref,) = torch.autograd.grad(torch.fft.irfft2(tracked, s=shape)[..., : crop[0], : crop[1]].sum(), tracked)
+    assert_close(torch.view_as_real(g), torch.view_as_real(g_ref), RTOL[dtype], name="inverse gradient")
+    with torch.no_grad():
+        assert_close(fft_conv._inverse(tracked, shape, *crop), want, RTOL[dtype], name="no-grad inverse")
 
 
 def test_150x150_once():
