@@ -58,14 +58,15 @@ _PENALTY_MAPS = 240  # the create_graph VJP (~80) and its double backward (~160)
 
 @dataclass(frozen=True)
 class MachineRates:
-    """What the machine sustains: copy bandwidth (bytes/s) and float32 GEMM rate (flop/s)."""
+    """What the machine sustains: copy bandwidth (bytes/s) and float32 dense rate (flop/s: the GEMM,
+    on CPU the better of the GEMM and a oneDNN conv)."""
 
     bandwidth: float
     gemm_flops: float
 
     def line(self, device: torch.device) -> str:
         return (f"machine: {self.bandwidth / 1e9:.1f} GB/s copy, {self.gemm_flops / 1e9:.0f} GFLOP/s float32 "
-                f"GEMM ({device}, {torch.get_num_threads()} thread(s))")
+                f"dense ({device}, {torch.get_num_threads()} thread(s))")
 
 
 def machine_rates(device: torch.device, repeats: int = 5) -> MachineRates:
@@ -92,10 +93,11 @@ def machine_rates(device: torch.device, repeats: int = 5) -> MachineRates:
     gemm = 2 * size**3 / best(lambda: torch.mm(a, b))
     if device.type == "cpu":
         # The BLAS GEMM is not always the fastest dense arithmetic on a CPU: on an AMD EPYC (Zen
-        # 5) MKL's sgemm ran at 80-90 GFLOP/s while oneDNN's direct conv (AVX-512) reached 123,
-        # so that the direct phases measured 0.8x "the bound". The rate is the better of the two.
-        x = torch.randn(1, 64, 96, 96)
-        w = torch.randn(64, 64, 9, 9)
+        # 5) MKL's sgemm ran at 80-90 GFLOP/s while oneDNN's convs (AVX-512) reached 123 (the
+        # paper shape's 15x15) and 219 (this one), so that the direct phases had measured 0.8x
+        # "the bound". The rate is the better of the two.
+        x = torch.randn(1, 64, 96, 96, device=device)
+        w = torch.randn(64, 64, 9, 9, device=device)
         conv_flops = 2 * 64 * 64 * 96 * 96 * 81
         gemm = max(gemm, conv_flops / best(lambda: torch.nn.functional.conv2d(x, w, padding=4)))
     return MachineRates(bandwidth=2 * 4 * n / copy_s, gemm_flops=gemm)

@@ -239,8 +239,20 @@ def _inverse(z: Tensor, shape: tuple[int, int], height: int, width: int) -> Tens
 
 
 def _tracked(t: Tensor) -> bool:
-    """Whether autograd records ops on ``t`` (reverse mode with grad on, or a forward-mode tangent)."""
-    return (t.requires_grad and torch.is_grad_enabled()) or _has_tangent(t)
+    """Whether anything records the ops on ``t``: autograd (reverse mode with grad on, or a
+    forward-mode tangent), a functorch transform (vmap, grad, jvp), a tracer (torch.jit.trace,
+    make_fx and other dispatch modes, torch.compile) or a tensor subclass. A pocketfft call is
+    opaque to all of them (a tracer would record its result as a constant), so only a plain
+    tensor that nothing records takes it."""
+    if type(t) is not torch.Tensor or (t.requires_grad and torch.is_grad_enabled()) or _has_tangent(t):
+        return True
+    if torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.jit.is_tracing():
+        return True
+    if torch.compiler.is_compiling():
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
 
 
 def _scipy_fft():

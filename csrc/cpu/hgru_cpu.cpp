@@ -231,7 +231,8 @@ T* ptr_or_null(Tensor& t) {
 
 }  // namespace
 
-const char* isa() { return kIsaNames[current_isa()]; }
+// The table that kernels() dispatches to names itself: what runs, not what was asked for.
+const char* isa() { return kernels<float>().isa; }
 
 void set_isa(const char* name) { g_isa.store(parse_isa(name, "set_cpu_isa")); }
 

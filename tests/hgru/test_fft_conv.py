@@ -106,26 +106,53 @@ def test_gradients_match_direct(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("shape, crop", [((18, 12), (13, 11)), ((15, 9), (15, 9)), ((20, 25), (7, 20))])
-def test_inverse_transform_fast_path_matches_torch(shape, crop, dtype):
+def test_inverse_transform_fast_path_matches_torch(monkeypatch, shape, crop, dtype):
     """The inverse outside autograd (pocketfft's strided column ifft on CPU) against torch's
-    irfft2 cropped, on odd sizes and a conjugate-bit view; tracked input keeps torch's
-    differentiable path."""
+    irfft2 cropped, on odd sizes and conj / neg-bit views; whatever records ops (reverse and
+    forward mode, a tracer) gets torch's path, and the test counts which path ran."""
+    calls = []
+    real_scipy = fft_conv._scipy_fft()
+
+    class Counting:
+        @staticmethod
+        def ifft(*args, **kwargs):
+            calls.append(1)
+            return real_scipy.ifft(*args, **kwargs)
+
+    monkeypatch.setattr(fft_conv, "_scipy_fft", lambda: Counting)
     m, n = shape
     cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
     z = torch.randn(3, 2, m, n // 2 + 1, dtype=cdtype)
     want = torch.fft.irfft2(z, s=shape)[..., : crop[0], : crop[1]]
-    for given in (z, z.conj().conj(), torch.conj(z.conj().resolve_conj())):
+    views = (z, torch.conj(z.conj().resolve_conj()), torch._neg_view(-z), torch._neg_view(torch.conj(-z.conj())),
+             z.transpose(0, 1).contiguous().transpose(0, 1))
+    for given in views:
         got = fft_conv._inverse(given, shape, *crop)
         assert got.is_contiguous() and got.dtype == dtype
         assert_close(got, want, RTOL[dtype], name="inverse")
+    assert len(calls) == len(views), "the plain tensors took the pocketfft path"
+    calls.clear()
     tracked = z.clone().requires_grad_(True)
     out = fft_conv._inverse(tracked, shape, *crop)
     assert out.grad_fn is not None, "a tracked input must stay in the graph"
     (g,) = torch.autograd.grad(out.sum(), tracked)
     (g_ref,) = torch.autograd.grad(torch.fft.irfft2(tracked, s=shape)[..., : crop[0], : crop[1]].sum(), tracked)
     assert_close(torch.view_as_real(g), torch.view_as_real(g_ref), RTOL[dtype], name="inverse gradient")
+    tangent = torch.randn_like(z)
+    with torch.autograd.forward_ad.dual_level():
+        dual = fft_conv._inverse(torch.autograd.forward_ad.make_dual(z, tangent), shape, *crop)
+        jvp = torch.autograd.forward_ad.unpack_dual(dual).tangent
+    assert_close(jvp, torch.fft.irfft2(tangent, s=shape)[..., : crop[0], : crop[1]], RTOL[dtype], name="inverse jvp")
+    # A trace must record the transform, not its result as a constant.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda t: fft_conv._inverse(t, shape, *crop))(z)
+    other = torch.randn_like(z)
+    assert_close(graph(other), torch.fft.irfft2(other, s=shape)[..., : crop[0], : crop[1]], RTOL[dtype], name="traced")
+    assert not calls, "autograd, forward mode and tracing must not take the opaque path"
     with torch.no_grad():
         assert_close(fft_conv._inverse(tracked, shape, *crop), want, RTOL[dtype], name="no-grad inverse")
+    assert len(calls) == 1, "a tensor that requires grad under no_grad takes the fast path"
 
 
 def test_150x150_once():
