@@ -90,6 +90,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 _REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -248,11 +249,7 @@ def _tracked(t: Tensor) -> bool:
         return True
     if torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.jit.is_tracing():
         return True
-    if torch.compiler.is_compiling():
-        return True
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is not None
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 def _scipy_fft():

@@ -415,11 +415,10 @@ inline void prefetch_row(const T* row) {
 // acc[b] += K z[b] (CONJ false) or conj(K) z[b] (CONJ true). `zs` is the deinterleaved tile,
 // (samples, X, 2, kMixLanes); `k` the spectrum block of this output channel, input channel x at
 // k + x * stride_x; `acc` receives (NB, 2, kMixLanes). NB * NV <= 4 keeps the 2 NB NV
-// accumulators, the kernel pair and the input pair in 12 of AVX2's 16 registers (NB * NV <= 8
-// in 22 of AVX-512's 32); per input
-// channel that is 2 NV + 2 NB NV loads against 4 NB NV FMAs (the old form, one sample at a time
-// with its accumulators in memory, did three loads and a store per FMA pair and ran at about a
-// third of the machine's GEMM rate).
+// accumulators, the kernel pair and the input pair in 12 of AVX2's 16 registers (NB * NV <= 8:
+// 22 of AVX-512's 32); per input channel that is 2 NV + 2 NB NV loads against 4 NB NV FMAs (the
+// old form, one sample at a time with its accumulators in memory, did three loads and a store
+// per FMA pair and ran at about a third of the machine's GEMM rate).
 template <typename T, bool CONJ, int NB, int NV>
 inline void mix_block(const T* zs, int64_t nx, const T* k, int64_t stride_x, int64_t v0, T* acc,
                       const T* prefetch) {
@@ -479,6 +478,16 @@ inline void mix_samples(const T* zs, int64_t nx, const T* k, int64_t stride_x, T
     mix_block<T, CONJ, NB, NV>(zs, nx, k, stride_x, v0, acc, v0 == 0 ? prefetch : nullptr);
 }
 
+// Copies n interleaved complex values into planar (re, im) rows of kMixLanes, zero past n.
+template <typename T>
+inline void deinterleave(const T* src, int64_t n, T* re, T* im) {
+  for (int64_t t = 0; t < n; ++t) {
+    re[t] = src[2 * t];
+    im[t] = src[2 * t + 1];
+  }
+  for (int64_t t = n; t < kMixLanes; ++t) re[t] = im[t] = T(0);
+}
+
 template <typename T, bool CONJ>
 inline void spectral_mix_impl(const SpectralMixArgs<T>& a, T* scratch) {
   constexpr int64_t L = kMixLanes;
@@ -491,14 +500,8 @@ inline void spectral_mix_impl(const SpectralMixArgs<T>& a, T* scratch) {
     // Deinterleave the tile of every (sample, input channel), zero past n.
     for (int64_t bb = 0; bb < nb; ++bb) {
       for (int64_t x = 0; x < nx; ++x) {
-        const T* src = a.z + (((b0 + bb) * nx + x) * a.planes + a.p0) * 2;
         T* zr = scratch + (bb * nx + x) * 2 * L;
-        T* zi = zr + L;
-        for (int64_t t = 0; t < a.n; ++t) {
-          zr[t] = src[2 * t];
-          zi[t] = src[2 * t + 1];
-        }
-        for (int64_t t = a.n; t < L; ++t) zr[t] = zi[t] = T(0);
+        deinterleave(a.z + (((b0 + bb) * nx + x) * a.planes + a.p0) * 2, a.n, zr, zr + L);
       }
     }
     T* acc = scratch + nb * nx * 2 * L;
@@ -549,16 +552,6 @@ void spectral_mix(const SpectralMixArgs<T>& a, T* scratch) {
   } else {
     spectral_mix_impl<T, false>(a, scratch);
   }
-}
-
-// Copies n interleaved complex values into planar (re, im) rows of kMixLanes, zero past n.
-template <typename T>
-inline void deinterleave(const T* src, int64_t n, T* re, T* im) {
-  for (int64_t t = 0; t < n; ++t) {
-    re[t] = src[2 * t];
-    im[t] = src[2 * t + 1];
-  }
-  for (int64_t t = n; t < kMixLanes; ++t) re[t] = im[t] = T(0);
 }
 
 // The spectrum gradient of one tile. Each frequency's (2, C, O) block of S is one contiguous run
