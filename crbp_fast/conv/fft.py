@@ -403,6 +403,15 @@ def spectrum_gradient(x: Tensor, grad: Tensor, shape: tuple[int, int], transpose
     return torch.bmm(_doubled_rows(zx).mT, _scaled(_rows(zg), weights))  # sum_b G[b, o] conj(x^[b, c])
 
 
+def _fused_spectrum_gradient(x: Tensor, grad: Tensor, shape: tuple[int, int], kernel: MixKernel) -> Tensor:
+    """:func:`spectrum_gradient` (forward conv) by the fused outer product (not differentiable)."""
+    b = x.shape[0]
+    weights = _grad_weights(shape, x.dtype, x.device).reshape(-1)
+    zx = torch.view_as_real(torch.fft.rfft2(x, s=shape))
+    zg = torch.view_as_real(torch.fft.rfft2(grad, s=shape) * weights)
+    return kernel.outer(zg.reshape(b, grad.shape[1], -1, 2), zx.reshape(b, x.shape[1], -1, 2), shape[0])
+
+
 def _has_tangent(t: Tensor) -> bool:
     """Whether ``t`` carries a forward-mode tangent (torch.autograd.forward_ad)."""
     return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
@@ -663,7 +672,15 @@ class FFTConv:
             raise ValueError(f"dy: expected the batch and image size of x {tuple(x.shape)}, got {tuple(dy.shape)}")
         dtype = compute_dtype(x.dtype, dy.dtype)
         shape = fft_shape(x.shape[2], x.shape[3], kernel_size)
-        grad = spectrum_gradient(x.to(dtype).contiguous(), dy.to(dtype).contiguous(), shape)
+        xc, gc = x.to(dtype).contiguous(), dy.to(dtype).contiguous()
+        kernel = _mix_kernel(x.device, dtype)
+        if kernel is not None and not (_tracked(xc) or _tracked(gc)):
+            # Outside autograd the fused outer product: the batched matmul runs one tiny
+            # (2C x 2B) x (2B x O) product per frequency (65 against ~15 ms at B2-C25-160x81).
+            with torch.no_grad():
+                grad = _fused_spectrum_gradient(xc, gc, shape, kernel)
+        else:
+            grad = spectrum_gradient(xc, gc, shape)
         return kernel_spectrum_adjoint(grad, kernel_size, shape).to(torch.promote_types(x.dtype, dy.dtype))
 
     def spectrum(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:

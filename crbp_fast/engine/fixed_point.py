@@ -324,7 +324,11 @@ def fixed_point(
             returns the best partial Neumann sum (where ||(J^T)^k v|| was smallest), never the
             diverging sum: the gradient stays finite and bounded.
         lcp_target: lambda of the LCP penalty of cbptt/crbp (a finite number >= 0).
-        use_linearize: use ``f.linearize`` for the adjoint (None: when f has it).
+        use_linearize: use ``f.linearize`` for the adjoint and, for a single-tensor state,
+            ``f.tracked_step(x, h, lcp_target or None)`` for the tracked step of rbp / crbp
+            (one node for the step and the LCP penalty, with an explicit backward, as
+            :class:`~crbp_fast.HGRUCell` has); None: when f has them. False: autograd for all
+            of it, the penalty by double backward (the published algorithm).
         check_finite: raise ``FloatingPointError`` naming the step if the state turns NaN/inf.
         trace: record ``stats.trace`` (:class:`FixedPointTrace`): the relative residual of every
             forward evaluation per sample, and of every adjoint iteration of the last backward,
@@ -517,18 +521,29 @@ def _solve(
     with torch.no_grad():
         h_prev, _, evals = solve_untracked(h0, steps - 1, 0)
     h_prev = [v.detach().requires_grad_(True) for v in h_prev]
-    h_last = step(h_prev)
+    if use_linearize is None:
+        use_linearize = hasattr(f, "linearize")
+    # A cell with an explicit tracked step (HGRUCell) differentiates the step and the penalty in
+    # one pass; otherwise autograd through the recorded step, the penalty by double backward.
+    fused = use_linearize and spec.single and hasattr(f, "tracked_step")
+    penalty = None
+    if fused:
+        out = f.tracked_step(x, h_prev[0], lcp_target if with_penalty else None)
+        if with_penalty:
+            out, penalty = out
+        h_last = check_output(out, spec)
+    else:
+        h_last = step(h_prev)
     watch.update([v.detach() for v in h_last], evals + 1)
     watch.check(steps)
     with torch.no_grad():
         stats.steps, stats.forward_residual = evals + 1, record(h_last, h_prev)
     finish_trace()
     stats.adjoint_solver = adjoint_solver
-    penalty = lcp_from_step(h_last, h_prev, lcp_target, create_graph=True) if with_penalty else None
+    if with_penalty and not fused:
+        penalty = lcp_from_step(h_last, h_prev, lcp_target, create_graph=True)
 
     shapes = spec.shapes
-    if use_linearize is None:
-        use_linearize = hasattr(f, "linearize")
     if use_linearize:
         x_point, h_point = _detach_drive(x), spec.unflatten([v.detach() for v in h_prev])
 

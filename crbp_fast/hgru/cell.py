@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..conv import engines as conv_engines
+from . import tracked
 from .backends import BACKEND_NAMES, Linearization, resolve_backend
 from .reference import NORM_KINDS, HGRUParams, NormSpec
 
@@ -238,6 +239,36 @@ class HGRUCell(nn.Module):
         h = self.check_inputs(x, h)
         backend, engine = self._backend_and_conv(x)
         return backend.linearize(self.params(), x.detach().contiguous(), h.detach().contiguous(), engine)
+
+    def tracked_step(self, x: Tensor, h: Tensor, lcp_target: float | None = None):
+        """F(x, h) for a step that autograd differentiates, and with ``lcp_target`` the LCP
+        penalty mean(relu(1^T J - lcp_target)^2) at h, J = dF/dh.
+
+        Returns the state, or (state, penalty). One autograd node whose backward is one pass of
+        explicit passes for both (:mod:`crbp_fast.hgru.tracked`), used by
+        :func:`crbp_fast.engine.fixed_point` for the tracked step of rbp / crbp; under autocast
+        or in half precision the step and the penalty go through autograd (the penalty by a
+        double backward, as published). Values equal ``cell(x, h)`` and
+        :func:`crbp_fast.lcp_penalty`; gradients in x, h and every parameter too.
+        """
+        h = self.check_inputs(x, h)
+        _, engine = self._backend_and_conv(x)
+        p = self.params()
+        x, h = x.contiguous(), h.contiguous()
+        if lcp_target is not None:
+            lcp_target = float(lcp_target)
+        if tracked.supported(x, h, p):
+            return tracked.tracked_step(x, h, p, engine, lcp_target)
+        if lcp_target is None:
+            return self(x, h)
+        from ..engine.lcp import lcp_from_step
+
+        differentiable = torch.is_grad_enabled()
+        h_in = h if h.requires_grad and differentiable else h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self(x, h_in)
+            penalty = lcp_from_step(out, h_in, lcp_target, create_graph=differentiable)
+        return (out, penalty) if differentiable else (out.detach(), penalty.detach())
 
     @property
     def padding(self) -> int:

@@ -64,8 +64,25 @@ with w = dP/du = 2 relu(u - lambda) / |u| (fixed), sum_i w_i u_i = 1^T J w, so
     dP/d(theta, x, h) = D_h[ step_vjp(1) at h ] . w
 
 the derivative along h, in the direction w, of the step's full backward at v = 1 (the second
-derivatives commute): one forward-mode pass through linearize_tracked and step_vjp instead of a
-double backward through autograd's graph of the step.
+derivatives commute). :func:`column_sums` is the pass at v = 1 (u and its maps, suffix-free
+below); :func:`lcp_tangent` its tangent along w, written out (suffix ``_t``: the tangent of a
+forward map, e.g. ``h1_t = sigma(r) r_t``; ``d*_t``: the tangent of a VJP map)::
+
+    hg_t  = w g1 + h g1 (1 - g1) U1 w ;  c1_raw_t = W_inh (*) hg_t      # tangent of the forward
+    xhat_t = invstd (c_t - mean_S(c_t) - xhat mean_S(xhat c_t)) ;  invstd_t / invstd = -invstd mean_S(xhat c_t)
+    q_t = c1_t (alpha h + mu) + c1 alpha w ;  r_t = -sigma(q) q_t ;  h1_t = sigma(r) r_t
+    g2_t = g2 (1 - g2) U2 h1_t ;  c2_raw_t = W_exc (*) h1_t ;  e_t, hh_t = sigma(e) e_t
+    z_t = (1 - g2) w + g2_t (hh - h) + g2 hh_t
+    dz_t = sigma'(z) z_t, then each line of step_vjp differentiated by the product rule, e.g.
+    dr2_t = (invstd_t / invstd) dr2 + invstd (dxh_t - mean_S(dxh_t) - xhat_t m2 - xhat mean_S(dxh_t xhat + dxh xhat_t))
+    dW_exc = h1_t (*)^w dr2 + h1 (*)^w dr2_t ;  dx = dh1_t sigma(r) + dh1 sigma'(r) r_t
+
+Two convs, two transposed convs and two weight gradients (each one call over the batch-
+concatenated pair of terms). Every map of step_vjp(v) enters these linearly with the same
+coefficients, so seeding dz_t with v sigma(z) adds the tracked step's own backward at no
+further conv: :mod:`crbp_fast.hgru.tracked` differentiates the tracked step and the penalty in
+this one pass. :func:`lcp_gradient_forward_mode` computes the same by autograd's forward mode (a
+cross-check; slower).
 """
 
 from __future__ import annotations
@@ -172,22 +189,21 @@ def normalize(c: Tensor, spec: NormSpec) -> Tensor:
     return (c - mean) * invstd * _bc(spec.weight) + _bc(spec.bias)
 
 
+def set_mean(t: Tensor, spec: NormSpec) -> Tensor:
+    """The mean of ``t`` over each reduction set of ``spec`` ("batch" or "group"), broadcastable to t."""
+    if spec.kind == "batch":
+        return t.mean(dim=(0, 2, 3), keepdim=True)
+    b, ch = t.shape[:2]
+    m = _group_view(t, spec.groups).mean(dim=2, keepdim=True)
+    return m.repeat_interleave(ch // spec.groups, dim=1).reshape(b, ch, 1, 1)
+
+
 def norm_vjp(dy: Tensor, xhat: Tensor | None, invstd: Tensor | None, spec: NormSpec) -> Tensor:
     """N^T(dy): the gradient of N at c w.r.t. c, statistics included."""
     if spec.kind == "none":
         return dy
     dxh = dy * _bc(spec.weight)
-    if spec.kind == "batch":
-        m1 = dxh.mean(dim=(0, 2, 3), keepdim=True)
-        m2 = (dxh * xhat).mean(dim=(0, 2, 3), keepdim=True)
-    else:
-        shape = dxh.shape
-        rep = shape[1] // spec.groups
-        m1 = _group_view(dxh, spec.groups).mean(dim=2, keepdim=True)
-        m2 = _group_view(dxh * xhat, spec.groups).mean(dim=2, keepdim=True)
-        m1 = m1.repeat_interleave(rep, dim=1).reshape(shape[0], shape[1], 1, 1)
-        m2 = m2.repeat_interleave(rep, dim=1).reshape(shape[0], shape[1], 1, 1)
-    return invstd * (dxh - m1 - xhat * m2)
+    return invstd * (dxh - set_mean(dxh, spec) - xhat * set_mean(dxh * xhat, spec))
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +353,7 @@ class Tracked(NamedTuple):
     c1: Tensor  # N_inh(c1_raw)
     c2: Tensor  # N_exc(c2_raw)
     s_r: Tensor  # sigma(x - sp(q)) = d h1 / d x
+    s_q: Tensor  # sigma(q)
 
 
 class StepGrads(NamedTuple):
@@ -374,14 +391,14 @@ def linearize_tracked(x: Tensor, h: Tensor, p: HGRUParams, conv: ConvFn = conv_s
     e = p.kappa * h1 + p.gamma * c2 + p.omega * h1 * c2
     hh = F.softplus(e)
     z = (1 - g2) * h + g2 * hh
-    s_r = torch.sigmoid(r)
+    s_r, s_q = torch.sigmoid(r), torch.sigmoid(q)
     factors = Factors(
         state=F.softplus(z), s_z=torch.sigmoid(z), g2=g2, hh_minus_h=hh - h, s_e=torch.sigmoid(e),
         dc2_coef=p.gamma + p.omega * h1, dh1_coef=p.kappa + p.omega * c2, g2_slope=g2 * (1 - g2),
-        xhat2=xhat2, invstd2=invstd2, dq_coef=-s_r * torch.sigmoid(q), dc1_coef=a,
+        xhat2=xhat2, invstd2=invstd2, dq_coef=-s_r * s_q, dc1_coef=a,
         dh_q_coef=c1 * p.alpha, xhat1=xhat1, invstd1=invstd1, g1=g1, hg1_slope=h * g1 * (1 - g1),
     )
-    return factors, Tracked(h=h, hg=hg, h1=h1, c1=c1, c2=c2, s_r=s_r)
+    return factors, Tracked(h=h, hg=hg, h1=h1, c1=c1, c2=c2, s_r=s_r, s_q=s_q)
 
 
 def _channel_sum(t: Tensor, like: Tensor) -> Tensor:
@@ -437,29 +454,188 @@ def step_vjp(
     )
 
 
+class ColumnSumMaps(NamedTuple):
+    """The maps of :func:`step_vjp` at v = 1 (the pass that gives u = J^T 1) which the LCP
+    penalty's gradient differentiates, (B, C, H, W) each."""
+
+    dz: Tensor
+    de: Tensor
+    dm2: Tensor
+    dc2: Tensor
+    dr2: Tensor
+    dh1: Tensor  # with the transposed exc conv's term
+    dq: Tensor
+    dc1: Tensor
+    dr1: Tensor
+    dhg: Tensor
+
+
+def column_sums(f: Factors, p: HGRUParams, conv_t: ConvFn = conv_same_transpose) -> tuple[Tensor, ColumnSumMaps]:
+    """u = J^T 1, the column sums of J = dF/dh (the h part of :func:`step_vjp` at v = 1, no
+    parameter gradients), and the maps of that pass."""
+    dz = f.s_z
+    de = dz * f.g2 * f.s_e
+    dm2 = dz * f.hh_minus_h * f.g2_slope
+    dc2 = de * f.dc2_coef
+    dr2 = norm_vjp(dc2, f.xhat2, f.invstd2, p.norm_exc)
+    dh1 = de * f.dh1_coef + _mix_t(dm2, p.u2_weight) + conv_t(dr2, p.w_exc)
+    dq = dh1 * f.dq_coef
+    dc1 = dq * f.dc1_coef
+    dr1 = norm_vjp(dc1, f.xhat1, f.invstd1, p.norm_inh)
+    dhg = conv_t(dr1, p.w_inh)
+    u = dz * (1 - f.g2) + dq * f.dh_q_coef + dhg * f.g1 + _mix_t(dhg * f.hg1_slope, p.u1_weight)
+    return u, ColumnSumMaps(dz=dz, de=de, dm2=dm2, dc2=dc2, dr2=dr2, dh1=dh1, dq=dq, dc1=dc1, dr1=dr1, dhg=dhg)
+
+
+def _norm_tangent(c_raw_t: Tensor, xhat: Tensor | None, invstd: Tensor | None,
+                  spec: NormSpec) -> tuple[Tensor, Tensor | None]:
+    """The tangent of xhat for a tangent of the raw conv output, and that of invstd relative
+    to invstd (d invstd / invstd = -invstd mean_S(xhat dc)); (c_raw_t, None) for norm "none"."""
+    if spec.kind == "none":
+        return c_raw_t, None
+    m2 = set_mean(xhat * c_raw_t, spec)
+    return invstd * (c_raw_t - set_mean(c_raw_t, spec) - xhat * m2), -invstd * m2
+
+
+def _norm_vjp_tangent(dc: Tensor, dc_t: Tensor, xhat: Tensor | None, xhat_t: Tensor | None,
+                      invstd: Tensor | None, invstd_rel_t: Tensor | None, dr: Tensor, spec: NormSpec) -> Tensor:
+    """The tangent of dr = :func:`norm_vjp` (dc) for tangents of dc, xhat and invstd."""
+    if spec.kind == "none":
+        return dc_t
+    weight = _bc(spec.weight)
+    dxh, dxh_t = dc * weight, dc_t * weight
+    m2 = set_mean(dxh * xhat, spec)
+    return invstd_rel_t * dr + invstd * (
+        dxh_t - set_mean(dxh_t, spec) - xhat_t * m2 - xhat * set_mean(dxh_t * xhat + dxh * xhat_t, spec))
+
+
+def _scaled_norm(xhat_t: Tensor, spec: NormSpec) -> Tensor:
+    return xhat_t if spec.kind == "none" else xhat_t * _bc(spec.weight)
+
+
+def _norm_param_tangents(dc: Tensor, dc_t: Tensor, xhat: Tensor | None, xhat_t: Tensor | None,
+                         spec: NormSpec) -> tuple[Tensor, Tensor] | None:
+    if spec.kind == "none":
+        return None
+    return _channel_sum(dc_t * xhat + dc * xhat_t, spec.weight), _channel_sum(dc_t, spec.bias)
+
+
+def _pixel_outer(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
+    """sum over (B, H, W) of a[b, o] b[b, c], as the (O, C, 1, 1) 1x1 weight ``like``."""
+    return torch.einsum("bohw,bchw->oc", a, b).reshape(like.shape)
+
+
+def lcp_tangent(
+    w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
+    conv_t: ConvFn = conv_same_transpose, weight_grad: WeightGradFn | None = None, v: Tensor | None = None,
+) -> StepGrads:
+    """D_h[step_vjp(1)] . w, plus step_vjp(v) when ``v`` is given: the gradient in x, h and every parameter of sum_i w_i u_i,
+    u = J^T 1 (module docstring), as explicit passes: the tangent of the forward step along
+    h-direction ``w`` (two convs), then the tangent of the column-sum pass (two transposed convs
+    and the two weight gradients, each one call over the batch-concatenated pair of terms).
+    ``m`` is :func:`column_sums`'s maps at the same point (their primal values are reused).
+
+    Every map of step_vjp(v) enters the tangent pass's maps linearly and with the same
+    coefficients, so step_vjp(v) is added by seeding dz with v sigma(z): the tracked step's
+    backward and the penalty's gradient in one pass, sharing its convs and weight gradients."""
+    weight_grad = weight_grad or conv_same_weight_grad
+    k = p.w_inh.shape[-1]
+    h, hh = t.h, f.hh_minus_h + t.h
+    # Tangent of the forward step along w (suffix _t).
+    g1_slope = f.g1 * (1 - f.g1)
+    g1_t = g1_slope * _mix(w, p.u1_weight)
+    hg_t = w * f.g1 + h * g1_t
+    xhat1_t, invstd1_rel_t = _norm_tangent(conv(hg_t, p.w_inh), f.xhat1, f.invstd1, p.norm_inh)
+    c1_t = _scaled_norm(xhat1_t, p.norm_inh)
+    a_t = p.alpha * w
+    q_t = c1_t * f.dc1_coef + t.c1 * a_t
+    r_t = -t.s_q * q_t
+    h1_t = t.s_r * r_t
+    g2_t = f.g2_slope * _mix(h1_t, p.u2_weight)
+    xhat2_t, invstd2_rel_t = _norm_tangent(conv(h1_t, p.w_exc), f.xhat2, f.invstd2, p.norm_exc)
+    c2_t = _scaled_norm(xhat2_t, p.norm_exc)
+    e_t = p.kappa * h1_t + p.gamma * c2_t + p.omega * (h1_t * t.c2 + t.h1 * c2_t)
+    hh_t = f.s_e * e_t
+    z_t = (1 - f.g2) * w + g2_t * f.hh_minus_h + f.g2 * hh_t
+    # Tangent of the column-sum pass (prefix d, suffix _t), term by term as in step_vjp.
+    dz_t = f.s_z * (1 - f.s_z) * z_t
+    if v is not None:
+        dz_t = dz_t + v * f.s_z
+    s_e_t = f.s_e * (1 - f.s_e) * e_t
+    de_t = dz_t * f.g2 * f.s_e + m.dz * (g2_t * f.s_e + f.g2 * s_e_t)
+    dm2_t = (dz_t * f.hh_minus_h + m.dz * (hh_t - w)) * f.g2_slope + m.dz * f.hh_minus_h * (1 - 2 * f.g2) * g2_t
+    dh_t = dz_t * (1 - f.g2) - m.dz * g2_t
+    dkappa = _channel_sum(de_t * t.h1 + m.de * h1_t, p.kappa)
+    dgamma = _channel_sum(de_t * t.c2 + m.de * c2_t, p.gamma)
+    domega = _channel_sum(de_t * t.h1 * t.c2 + m.de * (h1_t * t.c2 + t.h1 * c2_t), p.omega)
+    dc2_t = de_t * f.dc2_coef + m.de * p.omega * h1_t
+    dh1_t = de_t * f.dh1_coef + m.de * p.omega * c2_t + _mix_t(dm2_t, p.u2_weight)
+    du2 = _pixel_outer(dm2_t, t.h1, p.u2_weight) + _pixel_outer(m.dm2, h1_t, p.u2_weight)
+    dnorm_exc = _norm_param_tangents(m.dc2, dc2_t, f.xhat2, xhat2_t, p.norm_exc)
+    dr2_t = _norm_vjp_tangent(m.dc2, dc2_t, f.xhat2, xhat2_t, f.invstd2, invstd2_rel_t, m.dr2, p.norm_exc)
+    dw_exc = weight_grad(torch.cat([h1_t, t.h1]), torch.cat([m.dr2, dr2_t]), k)
+    dh1_t = dh1_t + conv_t(dr2_t, p.w_exc)
+    s_r_t = t.s_r * (1 - t.s_r) * r_t
+    s_q_t = t.s_q * (1 - t.s_q) * q_t
+    dx = dh1_t * t.s_r + m.dh1 * s_r_t
+    dq_t = dh1_t * f.dq_coef - m.dh1 * (s_r_t * t.s_q + t.s_r * s_q_t)
+    dc1_t = dq_t * f.dc1_coef + m.dq * a_t
+    da, da_t = m.dq * t.c1, dq_t * t.c1 + m.dq * c1_t
+    dalpha, dmu = _channel_sum(da_t * h + da * w, p.alpha), _channel_sum(da_t, p.mu)
+    dh_t = dh_t + da_t * p.alpha
+    dnorm_inh = _norm_param_tangents(m.dc1, dc1_t, f.xhat1, xhat1_t, p.norm_inh)
+    dr1_t = _norm_vjp_tangent(m.dc1, dc1_t, f.xhat1, xhat1_t, f.invstd1, invstd1_rel_t, m.dr1, p.norm_inh)
+    dw_inh = weight_grad(torch.cat([hg_t, t.hg]), torch.cat([m.dr1, dr1_t]), k)
+    dhg_t = conv_t(dr1_t, p.w_inh)
+    dm1 = m.dhg * f.hg1_slope
+    dm1_t = dhg_t * f.hg1_slope + m.dhg * (w * g1_slope + h * (1 - 2 * f.g1) * g1_t)
+    dh_t = dh_t + dhg_t * f.g1 + m.dhg * g1_t + _mix_t(dm1_t, p.u1_weight)
+    du1 = _pixel_outer(dm1_t, h, p.u1_weight) + _pixel_outer(dm1, w, p.u1_weight)
+    return StepGrads(
+        x=dx, h=dh_t, u1_weight=du1, u1_bias=dm1_t.sum(dim=(0, 2, 3)), u2_weight=du2,
+        u2_bias=dm2_t.sum(dim=(0, 2, 3)), w_inh=dw_inh, w_exc=dw_exc, alpha=dalpha, mu=dmu, kappa=dkappa,
+        gamma=dgamma, omega=domega, norm_inh=dnorm_inh, norm_exc=dnorm_exc,
+    )
+
+
+def lcp_weights(u: Tensor, target: float) -> tuple[Tensor, Tensor]:
+    """The penalty mean(relu(u - target)^2) and w = its gradient in u."""
+    excess = torch.relu(u - target)
+    return excess.pow(2).mean(), excess * (2 / u.numel())
+
+
 def lcp_gradient(
     x: Tensor, h: Tensor, p: HGRUParams, target: float = 0.9, conv: ConvFn = conv_same,
     conv_t: ConvFn = conv_same_transpose, weight_grad: WeightGradFn | None = None,
-    column_sums: Tensor | None = None,
 ) -> tuple[Tensor, StepGrads]:
     """The LCP penalty mean(relu(1^T J - target)^2) at (x, h) and its gradient in x, h and every
-    parameter, as the derivative along h (direction w = dP/du) of :func:`step_vjp` at v = 1
-    (module docstring), by one forward-mode pass. ``column_sums``, if given, is u = J^T 1
-    already computed (e.g. by a fused VJP); the conv functions must support forward mode."""
+    parameter, by the explicit passes :func:`linearize_tracked`, :func:`column_sums` and
+    :func:`lcp_tangent` (module docstring)."""
+    f, t = linearize_tracked(x, h, p, conv)
+    u, maps = column_sums(f, p, conv_t)
+    penalty, w = lcp_weights(u, target)
+    return penalty, lcp_tangent(w, f, t, maps, p, conv, conv_t, weight_grad)
+
+
+def lcp_gradient_forward_mode(
+    x: Tensor, h: Tensor, p: HGRUParams, target: float = 0.9, conv: ConvFn = conv_same,
+    conv_t: ConvFn = conv_same_transpose, weight_grad: WeightGradFn | None = None,
+) -> tuple[Tensor, StepGrads]:
+    """:func:`lcp_gradient` by one forward-mode pass of autograd through
+    :func:`linearize_tracked` and :func:`step_vjp` (a cross-check of :func:`lcp_tangent`'s
+    hand-written tangents; the conv functions must support forward mode)."""
     ones = torch.ones_like(h)
-    u = column_sums
-    if u is None:
-        u = vjp(ones, linearize(x, h, p, conv), p, conv_t)
-    excess = torch.relu(u - target)
-    penalty = excess.pow(2).mean()
-    w = 2 * excess / u.numel()
+    u, _ = column_sums(linearize(x, h, p, conv), p, conv_t)
+    penalty, w = lcp_weights(u, target)
     with forward_ad.dual_level():
         f, t = linearize_tracked(x, forward_ad.make_dual(h, w), p, conv)
-        flat = [forward_ad.unpack_dual(g).tangent for g in _flat(step_vjp(ones, f, t, p, conv_t, weight_grad))]
-    return penalty, _unflat(tuple(flat), p)
+        flat = [forward_ad.unpack_dual(g).tangent for g in flat_grads(step_vjp(ones, f, t, p, conv_t, weight_grad))]
+    return penalty, unflat_grads(tuple(flat), p)
 
 
-def _flat(g: StepGrads) -> list[Tensor]:
+def flat_grads(g: StepGrads) -> list[Tensor]:
+    """The tensors of ``g``: x, h, the eleven parameters in HGRUParams order, then the norms'
+    (weight, bias) pairs that exist."""
     out = [g.x, g.h, g.u1_weight, g.u1_bias, g.u2_weight, g.u2_bias, g.w_inh, g.w_exc, g.alpha, g.mu, g.kappa,
            g.gamma, g.omega]
     for pair in (g.norm_inh, g.norm_exc):
@@ -468,7 +644,8 @@ def _flat(g: StepGrads) -> list[Tensor]:
     return out
 
 
-def _unflat(flat: tuple[Tensor, ...], p: HGRUParams) -> StepGrads:
+def unflat_grads(flat: tuple[Tensor, ...], p: HGRUParams) -> StepGrads:
+    """The inverse of :func:`flat_grads` for the parameters ``p``."""
     head, rest = list(flat[:13]), list(flat[13:])
     pairs = []
     for spec in (p.norm_inh, p.norm_exc):

@@ -155,6 +155,35 @@ def test_inverse_transform_fast_path_matches_torch(monkeypatch, shape, crop, dty
     assert len(calls) == 1, "a tensor that requires grad under no_grad takes the fast path"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", [(1, 13, 20, 5), (3, 31, 31, 15), (2, 9, 16, 9)], ids=lambda c: "B{}-H{}-W{}-k{}".format(*c))
+def test_weight_grad_fused_and_autograd_paths_match_direct(monkeypatch, case, dtype):
+    """FFTConv.weight_grad outside autograd (the fused outer product) and inside it (the batched
+    matmul, differentiable) against the direct weight gradient; the test counts which path ran."""
+    from crbp_fast.hgru.reference import conv_same_weight_grad
+
+    b, h, w, k = case
+    calls = []
+    fused = fft_conv._fused_spectrum_gradient
+    monkeypatch.setattr(fft_conv, "_fused_spectrum_gradient", lambda *a: calls.append(1) or fused(*a))
+    x = torch.randn(b, C_IN, h, w, dtype=dtype)
+    dy = torch.randn(b, C_OUT, h, w, dtype=dtype)
+    want = conv_same_weight_grad(x, dy, k)
+    got = FFT.weight_grad(x, dy, k)
+    assert torch.isfinite(got).all()
+    assert_close(got, want, RTOL[dtype], name="fused weight_grad")
+    fused_here = fft_conv._mix_kernel(x.device, dtype) is not None  # CRBP_FAST_FFT_MIX=torch: none
+    assert len(calls) == int(fused_here), "a plain tensor takes the fused outer product where there is one"
+    xt = x.clone().requires_grad_(True)
+    tracked = FFT.weight_grad(xt, dy, k)
+    assert tracked.grad_fn is not None and len(calls) == int(fused_here), "a tracked input keeps the differentiable path"
+    assert_close(tracked.detach(), want, RTOL[dtype], name="tracked weight_grad")
+    cot = torch.randn_like(want)
+    (g,) = torch.autograd.grad(tracked, xt, cot)
+    (g_ref,) = torch.autograd.grad(conv_same_weight_grad(xt, dy, k), xt, cot)
+    assert_close(g, g_ref, RTOL[dtype], name="weight_grad's gradient")
+
+
 def test_150x150_once():
     b, c, k = 1, 3, 15
     x = torch.randn(b, c, 150, 150, requires_grad=True)

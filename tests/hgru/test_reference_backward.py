@@ -26,6 +26,14 @@ def make(norm: str, groups: int, shape=(3, 4, 11, 13), k: int = 5):
     return cell, x, h
 
 
+def leaves(a, b):
+    """Pairs of tensors of two StepGrads fields (a tensor, a (weight, bias) pair, or None for both)."""
+    if a is None or b is None:
+        assert a is None and b is None
+        return []
+    return [(a, b)] if isinstance(a, torch.Tensor) else list(zip(a, b))
+
+
 def named_grads(cell: HGRUCell, grads: ref.StepGrads) -> dict[str, torch.Tensor]:
     """The explicit gradients under the cell's parameter names."""
     out = {
@@ -66,7 +74,7 @@ def test_step_vjp_with_the_fft_engine():
     f, t = ref.linearize_tracked(x, h, p, FFT.conv)
     fft = ref.step_vjp(v, f, t, p, FFT.conv_transpose, FFT.weight_grad)
     for name, a, b in zip(ref.StepGrads._fields, fft, direct):
-        for a_i, b_i in zip(*(((a,), (b,)) if isinstance(a, torch.Tensor) else (a, b))):
+        for a_i, b_i in leaves(a, b):
             assert_close(a_i, b_i, rtol=1e-10, name=name)
 
 
@@ -87,14 +95,38 @@ def test_lcp_gradient_matches_double_backward(norm, groups):
         assert_close(explicit[name], a, rtol=1e-11, name=name)
 
 
-def test_lcp_gradient_through_the_fft_engine_in_forward_mode():
-    """The FFT engine's forward-mode rules (jvp of its conv node) give the same gradient."""
+@pytest.mark.parametrize("norm, groups", NORMS, ids=[n for n, _ in NORMS])
+def test_lcp_tangent_matches_forward_mode(norm, groups):
+    """The hand-written tangents of lcp_tangent against autograd's forward mode through
+    linearize_tracked and step_vjp, h included (which the double-backward test cannot see)."""
+    cell, x, h = make(norm, groups, shape=(2, 4, 9, 12), k=3)
+    p = cell.params()
+    penalty, explicit = ref.lcp_gradient(x, h, p, 0.5)
+    penalty_fm, forward = ref.lcp_gradient_forward_mode(x, h, p, 0.5)
+    assert_close(penalty, penalty_fm, rtol=1e-14, name="penalty")
+    for name, a, b in zip(ref.StepGrads._fields, explicit, forward):
+        for a_i, b_i in leaves(a, b):
+            assert_close(a_i, b_i, rtol=1e-11, name=name)
+
+
+def test_column_sums_is_the_vjp_of_ones():
+    cell, x, h = make("batch", 1)
+    p = cell.params()
+    u, _ = ref.column_sums(ref.linearize(x, h, p), p)
+    assert_close(u, ref.vjp(torch.ones_like(h), ref.linearize(x, h, p), p), rtol=1e-14, name="u")
+
+
+@pytest.mark.parametrize("forward_mode", [False, True], ids=["explicit", "forward-mode"])
+def test_lcp_gradient_through_the_fft_engine(forward_mode):
+    """Through the FFT engine (its forward-mode rules for the forward-mode route) the gradient
+    equals the direct conv's."""
     cell, x, h = make("batch", 1, shape=(2, 4, 12, 13), k=5)
     p = cell.params()
+    fn = ref.lcp_gradient_forward_mode if forward_mode else ref.lcp_gradient
     penalty, direct = ref.lcp_gradient(x, h, p, 0.5)
     with torch.no_grad():
-        penalty_fft, fft = ref.lcp_gradient(x, h, p, 0.5, FFT.conv, FFT.conv_transpose, FFT.weight_grad)
+        penalty_fft, fft = fn(x, h, p, 0.5, FFT.conv, FFT.conv_transpose, FFT.weight_grad)
     assert_close(penalty_fft, penalty, rtol=1e-12, name="penalty")
     for name, a, b in zip(ref.StepGrads._fields, fft, direct):
-        for a_i, b_i in zip(*(((a,), (b,)) if isinstance(a, torch.Tensor) else (a, b))):
+        for a_i, b_i in leaves(a, b):
             assert_close(a_i, b_i, rtol=1e-10, name=name)

@@ -1,0 +1,103 @@
+"""The tracked hGRU step with the LCP penalty, differentiated by explicit passes.
+
+:func:`tracked_step` is the last, tracked step of an implicit algorithm (rbp / crbp) as one
+autograd node: its forward computes F(x, h) with every factor its backward needs
+(:func:`~crbp_fast.hgru.reference.linearize_tracked`) and, for crbp, the column sums
+u = J^T 1 and the penalty mean(relu(u - lambda)^2) (:func:`~crbp_fast.hgru.reference.column_sums`);
+its backward is one pass, :func:`~crbp_fast.hgru.reference.lcp_tangent`, that gives the
+gradient of <g, F> + <w, u> in x, h and every parameter (g the state's cotangent, w the
+penalty's), so the step's backward and the penalty's second-order gradient share their two
+transposed convs and two weight gradients. Autograd's route differentiates the recorded
+graph of the step and then of its create_graph VJP (a double backward: more convs, more maps).
+
+Not differentiable twice (``once_differentiable``): a higher-order gradient through the step
+goes through the autograd route (``fixed_point(..., use_linearize=False)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import reference
+from .backends import ConvEngineLike
+from .reference import HGRUParams
+
+#: Dtypes the explicit passes run in (half precisions keep the autograd route).
+DTYPES = (torch.float32, torch.float64)
+
+
+def _tensors(p: HGRUParams) -> list[Tensor]:
+    """The parameter tensors of ``p`` in StepGrads order (the norms' weight and bias last)."""
+    out = list(p[:11])
+    for spec in (p.norm_inh, p.norm_exc):
+        if spec.kind != "none":
+            out += [spec.weight, spec.bias]
+    return out
+
+
+@dataclass(frozen=True)
+class _Config:
+    params: HGRUParams
+    engine: ConvEngineLike
+    target: float | None
+
+
+class _TrackedStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg: _Config, x: Tensor, h: Tensor, *tensors: Tensor):
+        p = cfg.params  # the tensors themselves (the FFT engine keys its spectra on them)
+        f, t = reference.linearize_tracked(x, h, p, cfg.engine.conv)
+        ctx.cfg, ctx.inputs = cfg, 2 + len(tensors)
+        if cfg.target is None:
+            maps, w, out = (), (), f.state
+        else:
+            u, column_maps = reference.column_sums(f, p, cfg.engine.conv_transpose)
+            penalty, weights = reference.lcp_weights(u, cfg.target)
+            maps, w, out = tuple(column_maps), (weights,), (f.state, penalty)
+        # Everything through save_for_backward: in-place changes of the inputs before backward
+        # raise, and saved-tensor hooks (memory accounting, offloading) see every map.
+        ctx.save_for_backward(x, h, *tensors, *f, *t, *maps, *w)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor):
+        saved = ctx.saved_tensors
+        cfg, n = ctx.cfg, ctx.inputs
+        nf, nt = len(reference.Factors._fields), len(reference.Tracked._fields)
+        f = reference.Factors(*saved[n:n + nf])
+        t = reference.Tracked(*saved[n + nf:n + nf + nt])
+        rest = saved[n + nf + nt:]
+        g_state = grads[0]
+        g_penalty = grads[1] if len(grads) > 1 else None
+        p, engine = cfg.params, cfg.engine
+        if g_penalty is None:
+            if g_state is None:
+                return (None,) * (1 + n)
+            out = reference.step_vjp(g_state, f, t, p, engine.conv_transpose, engine.weight_grad)
+        else:
+            maps, w = reference.ColumnSumMaps(*rest[:-1]), rest[-1]
+            out = reference.lcp_tangent(w * g_penalty, f, t, maps, p, engine.conv, engine.conv_transpose,
+                                        engine.weight_grad, v=g_state)
+        return (None, *(g.to(s.dtype) for g, s in zip(reference.flat_grads(out), saved[:n])))
+
+
+def supported(x: Tensor, h: Tensor, p: HGRUParams) -> bool:
+    """Whether the explicit passes run for these inputs (else the autograd route)."""
+    if torch.is_autocast_enabled(x.device.type) or x.dtype not in DTYPES:
+        return False
+    return all(t.dtype == x.dtype for t in _tensors(p))
+
+
+def tracked_step(x: Tensor, h: Tensor, p: HGRUParams, engine: ConvEngineLike,
+                 target: float | None) -> Tensor | tuple[Tensor, Tensor]:
+    """F(x, h), and with ``target`` also the LCP penalty at h, as one differentiable node
+    (module docstring). ``x``, ``h`` contiguous (B, C, H, W) of one floating dtype."""
+    return _TrackedStep.apply(_Config(p, engine, target), x, h, *_tensors(p))
+
+
+__all__ = ["tracked_step", "supported"]
