@@ -3,15 +3,18 @@
 The phases are the work ``fixed_point`` does for ``algorithm="crbp"`` (``"rbp"``: no penalty),
 timed as separate calls in one spectra scope, as the engine runs them:
 
-- ``forward``: N - 1 no-grad steps, then the tracked step from the detached h_{N-1};
-- ``penalty``: the LCP, mean(relu(1^T J - 0.9)^2) by a create_graph VJP, and the backward of
-  10 x penalty through it (the double backward of the tracked step);
+- ``forward``: N - 1 no-grad steps, then the tracked step from the detached h_{N-1}: for a
+  cell with ``tracked_step`` (the hGRU), the one node that also computes the LCP's column sums
+  1^T J for crbp, as ``fixed_point`` runs it;
+- ``penalty``: the backward of 10 x mean(relu(1^T J - 0.9)^2): the node's explicit tangent
+  pass (crbp_fast.hgru.tracked), or for other cells a create_graph VJP and the double backward
+  of the tracked step through it;
 - ``adjoint``: ``cell.linearize`` at h_{N-1} and K Neumann products J^T v (``adjoint_tol=0``);
 - ``final_backward``: the backward of the adjoint solution through the tracked step.
 
 Run together (``train_iteration`` in the speed suite) the penalty's backward and the final one
-are a single autograd pass; timed apart, the tracked step's graph is walked twice, so the sum of
-the phases is a little above the fused iteration.
+are a single pass; timed apart, the tracked step is differentiated twice, so the sum of the
+phases is a little above the fused iteration.
 
 Roofline. :func:`phase_model` counts, per phase, the bytes that cross memory and the flops, from
 the structure of the passes (full (B, C, H, W) float32 maps read or written per pass, the
@@ -53,7 +56,7 @@ _MAPS = {
 }
 _TRACKED_FORWARD_MAPS = 40
 _TRACKED_BACKWARD_MAPS = 80
-_PENALTY_MAPS = 240  # the create_graph VJP (~80) and its double backward (~160)
+_PENALTY_MAPS = 240  # the column sums (~40) and the tangent pass (~200; autograd's double backward is about as many)
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,8 @@ def phase_model(shape: Shape, backend: str, conv: str, algorithm: str, steps: in
         "final_backward": cost(_TRACKED_BACKWARD_MAPS, 4),
     }
     if algorithm == "crbp":
-        # The create_graph VJP: 2 transposed convs; its double backward: 2 convs, 2 transposed
-        # convs and 4 weight gradients (the VJP's convs and the tracked step's).
+        # The column sums: 2 transposed convs; the tangent pass: 2 convs, 2 transposed convs and
+        # 2 weight gradients over twice the batch (4 at B). Autograd's route does the same count.
         out["penalty"] = cost(_PENALTY_MAPS, 10)
     return out
 
@@ -154,6 +157,7 @@ def phases_fn(cell, x: Tensor, algorithm: str, steps: int, adjoint_steps: int) -
         raise ValueError(f"algorithm: expected one of {PHASE_ALGORITHMS} (the phases of an implicit "
                          f"algorithm), got {algorithm!r}")
     device = x.device
+    explicit = hasattr(cell, "tracked_step")
 
     def run() -> dict[str, float]:
         times: dict[str, float] = {}
@@ -173,11 +177,17 @@ def phases_fn(cell, x: Tensor, algorithm: str, steps: int, adjoint_steps: int) -
                 for _ in range(steps - 1):
                     h = cell(x, h)
             h_prev = h.detach().requires_grad_(True)
-            state = cell(x, h_prev)
+            penalty = None
+            if explicit:  # as fixed_point runs it: one node, the column sums in its forward
+                out = cell.tracked_step(x, h_prev, 0.9 if algorithm == "crbp" else None)
+                state, penalty = out if algorithm == "crbp" else (out, None)
+            else:
+                state = cell(x, h_prev)
             (dl_dh,) = torch.autograd.grad(state.square().mean(), state, retain_graph=True)
             mark("forward")
             if algorithm == "crbp":
-                penalty = lcp_from_step(state, h_prev, 0.9, create_graph=True)
+                if penalty is None:
+                    penalty = lcp_from_step(state, h_prev, 0.9, create_graph=True)
                 (PENALTY_WEIGHT * penalty).backward(retain_graph=True)
                 mark("penalty")
             lin = cell.linearize(x, h_prev.detach())

@@ -52,6 +52,9 @@ class _TrackedStep(torch.autograd.Function):
         p = cfg.params  # the tensors themselves (the FFT engine keys its spectra on them)
         f, t = reference.linearize_tracked(x, h, p, cfg.engine.conv)
         ctx.cfg, ctx.inputs = cfg, 2 + len(tensors)
+        # An output the loss does not use gets None, not zeros: a state-only backward must not
+        # run the penalty's tangent pass on a zero weight (nor the reverse).
+        ctx.set_materialize_grads(False)
         if cfg.target is None:
             maps, w, out = (), (), f.state
         else:

@@ -124,3 +124,23 @@ def test_fixed_point_with_the_explicit_tracked_step_matches_the_autograd_route(c
     for name, a, b in zip(names, *grads):
         assert torch.isfinite(a).all(), name
         assert_close(a, b, rtol=1e-10, name=name)
+
+
+def test_tracked_step_backward_runs_only_the_terms_the_loss_uses(monkeypatch):
+    """A loss that uses only the state runs the step's VJP, not the penalty's tangent pass on a
+    zero weight (autograd would otherwise hand the unused output a zero gradient)."""
+    from crbp_fast.hgru import reference as ref
+
+    calls = []
+    for name in ("step_vjp", "lcp_tangent"):
+        fn = getattr(ref, name)
+        monkeypatch.setattr(ref, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    cell, x, h = make("batch", 1, "direct")
+    xx = x.clone().requires_grad_()
+    out, pen = cell.tracked_step(xx, h, 0.5)
+    out.sum().backward(retain_graph=True)
+    assert calls == ["step_vjp"]
+    pen.backward(retain_graph=True)
+    assert calls == ["step_vjp", "lcp_tangent"]
+    (out.sum() + pen).backward()
+    assert calls == ["step_vjp", "lcp_tangent", "lcp_tangent"]

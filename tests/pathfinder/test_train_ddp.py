@@ -62,7 +62,10 @@ def test_ddp_gradients_equal_single_process(tmp_path):
         got = torch.load(f"{grads}.rank{rank}.pt")
         assert set(got) == set(expected)
         for name, g in expected.items():
-            assert_close(got[name], g, rtol=1e-5, atol=1e-7, name=f"rank {rank} grad {name}")
+            # float32 rounding of two different batch splits (a second-order gradient through
+            # the LCP): measured up to 1.4e-5 (autograd's double backward) and 2.5e-5 (the
+            # explicit tracked step, the default) relative RMSE; a wrong reduction is O(1).
+            assert_close(got[name], g, rtol=5e-5, atol=1e-7, name=f"rank {rank} grad {name}")
 
     # Only rank 0 wrote: one log record per step, and the global-mean losses match one process.
     records = [json.loads(line) for line in open(os.path.join(ddp_out, "log.jsonl"))]
