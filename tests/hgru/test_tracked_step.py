@@ -144,3 +144,23 @@ def test_tracked_step_backward_runs_only_the_terms_the_loss_uses(monkeypatch):
     assert calls == ["step_vjp", "lcp_tangent"]
     (out.sum() + pen).backward()
     assert calls == ["step_vjp", "lcp_tangent", "lcp_tangent"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (owed to the GPU run)")
+@pytest.mark.parametrize("conv", ["direct", "fft"])
+def test_tracked_step_on_cuda_matches_autograd(conv, full_float32):
+    """On CUDA (cuFFT, the batched-matmul mix): the explicit node against autograd's route."""
+    cell, x, h = make("batch", 1, conv, dtype=torch.float32, shape=(3, 6, 21, 19), k=7)
+    cell, x, h = cell.cuda(), x.cuda(), h.cuda()
+    xx = x.clone().requires_grad_()
+    out, pen = cell.tracked_step(xx, h, 0.5)
+    assert "TrackedStep" in type(pen.grad_fn).__name__
+    got = torch.autograd.grad(out.square().mean() + 3 * pen, (xx, *cell.parameters()))
+    xr = x.clone().requires_grad_()
+    ref_out = cell(xr, h)
+    ref_pen = lcp_penalty(cell, xr, h, target=0.5)
+    want = torch.autograd.grad(ref_out.square().mean() + 3 * ref_pen, (xr, *cell.parameters()))
+    assert_close(pen, ref_pen, rtol=1e-5, name="penalty")
+    for name, a, b in zip(["x"] + [n for n, _ in cell.named_parameters()], got, want):
+        assert_close(a, b, rtol=2e-4, atol=1e-7, name=name)
