@@ -56,5 +56,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out") = py::none(),
         "The FFT conv's channel mix: z (B, X, P, 2), spec (ceil(P / 32), O, C, 2, 32) -> (B, Y, P, 2)");
   m.def("spectral_outer", &spectral_outer, py::arg("p"), py::arg("q"), py::arg("rows"),
+        py::arg("out") = py::none(),
         "The FFT conv's spectrum gradient: sum_b p[b, o] conj(q[b, c]) per frequency, as S (P, 2C, O)");
 }

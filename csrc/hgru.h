@@ -76,7 +76,7 @@ at::Tensor alloc_stats(const at::Tensor& like_map);  // (B, C) in the opmath dty
   /* the FFT conv's channel mix: z (B, X, P, 2), spec (tiles, O, C, 2, kMixLanes) -> (B, Y, P, 2) */               \
   at::Tensor spectral_mix(const at::Tensor& z, const at::Tensor& spec, bool transpose, const at::Tensor& out);     \
   /* the FFT conv's spectrum gradient: p (B, O, P, 2), q (B, C, P, 2), P = M Nh -> S layout (P, 2C, O) */         \
-  at::Tensor spectral_outer(const at::Tensor& p, const at::Tensor& q, std::int64_t rows);
+  at::Tensor spectral_outer(const at::Tensor& p, const at::Tensor& q, std::int64_t rows, const at::Tensor& out);
 
 namespace cpu {
 CRBP_DECLARE_DEVICE_PASSES

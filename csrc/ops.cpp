@@ -448,7 +448,7 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const O
   return CRBP_ON_DEVICE(z, spectral_mix(z, spec, transpose, buffer));
 }
 
-Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const OptTensor& out) {
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&p, "p"}, {&q, "q"}}) {
     TORCH_CHECK(t->defined(), name, ": expected a tensor, got None");
     TORCH_CHECK(t->dim() == 4 && t->size(3) == 2, name, ": expected a (B, X, P, 2) tensor (the real view of a "
@@ -469,7 +469,20 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
               p.sizes(), ", got ", q.sizes());
   TORCH_CHECK(rows > 0 && p.size(2) % rows == 0, "rows: expected a positive divisor of P = ", p.size(2),
               " (the FFT height M of P = M (N/2 + 1) frequencies), got ", rows);
-  return CRBP_ON_DEVICE(p, spectral_outer(p, q, rows));
+  Tensor buffer;
+  if (out.has_value()) {
+    const Tensor& o = *out;
+    TORCH_CHECK(o.device() == p.device() && o.scalar_type() == p.scalar_type(), "out: expected the device and dtype "
+                "of p (", p.device(), " ", p.scalar_type(), "), got ", o.device(), " ", o.scalar_type());
+    TORCH_CHECK(o.sizes() == at::IntArrayRef({p.size(2), 2 * q.size(1), p.size(1)}), "out: expected shape (",
+                p.size(2), ", ", 2 * q.size(1), ", ", p.size(1), ") (P, 2C, O), got ", o.sizes());
+    TORCH_CHECK(o.is_contiguous(), "out: expected a contiguous tensor, got strides ", o.strides());
+    TORCH_CHECK(at::get_overlap_status(o, p) == at::MemOverlapStatus::No &&
+                    at::get_overlap_status(o, q) == at::MemOverlapStatus::No,
+                "out: must not overlap p or q");
+    buffer = o;
+  }
+  return CRBP_ON_DEVICE(p, spectral_outer(p, q, rows, buffer));
 }
 
 }  // namespace ops

@@ -85,6 +85,7 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const O
 // q (B, C, P, 2), real views of complex (B, X, M, Nh) rfft2 outputs of one dtype (P = M Nh,
 // rows = M); returns D[o, c] = sum_b p[b, o] conj(q[b, c]) per frequency in the spectrum's
 // layout S (P, 2C, O): frequency u Nh + v at row v M + u, Re D in columns [0, C), Im D in [C, 2C).
-Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows);
+// out, if given (every element is written), must not overlap p or q.
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const OptTensor& out);
 
 }  // namespace crbp::ops

@@ -561,11 +561,11 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const T
   return out;
 }
 
-Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const Tensor& out) {
   const int64_t batch = p.size(0), no = p.size(1), nc = q.size(1), planes = p.size(2);
   const int64_t tiles = (planes + kMixLanes - 1) / kMixLanes;
   const int64_t cols = planes / rows;
-  Tensor d = alloc_output(at::empty({1}, p.options()).expand({planes, 2 * nc, no}));
+  Tensor d = out.defined() ? out : alloc_output(at::empty({1}, p.options()).expand({planes, 2 * nc, no}));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "spectral_outer", [&] {
     using T = scalar_t;
     const auto& k = kernels<T>();

@@ -753,12 +753,12 @@ __global__ void spectral_outer_kernel(const T* __restrict__ p, const T* __restri
 
 }  // namespace
 
-Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows) {
+Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const Tensor& out) {
   const c10::cuda::CUDAGuard guard(p.device());
   const std::int64_t batch = p.size(0), no = p.size(1), nc = q.size(1), planes = p.size(2);
   const std::int64_t lanes = kSpectralMixLanes;
   const std::int64_t tiles = (planes + lanes - 1) / lanes;
-  Tensor d = alloc_output(at::empty({1}, p.options()).expand({planes, 2 * nc, no}));
+  Tensor d = out.defined() ? out : alloc_output(at::empty({1}, p.options()).expand({planes, 2 * nc, no}));
   TORCH_CHECK(tiles < (1LL << 31), "spectral_outer: grid too large (", tiles, " tiles)");
   constexpr int kWarpsPerBlock = 4;
   const dim3 block(static_cast<unsigned>(lanes), kWarpsPerBlock);

@@ -184,6 +184,37 @@ def test_weight_grad_fused_and_autograd_paths_match_direct(monkeypatch, case, dt
     assert_close(g, g_ref, RTOL[dtype], name="weight_grad's gradient")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_weight_grad_in_a_scope_reuses_one_workspace(dtype):
+    """Inside a SpectraScope on CPU the fused weight gradient writes its spectrum product into
+    the scope's workspace (no fresh 65 MB allocation, and its page faults, per call): results
+    equal the direct gradient call after call, with the workspace NaN-poisoned in between, and
+    a returned gradient never aliases the workspace (a later call leaves it unchanged)."""
+    from crbp_fast.hgru.reference import conv_same_weight_grad
+
+    b, h, w, k = 2, 17, 23, 7
+    if fft_conv._mix_kernel(torch.device("cpu"), dtype) is None:
+        pytest.skip("no fused mix kernel for this dtype (CRBP_FAST_FFT_MIX=torch or no extension)")
+    scope = SpectraScope()
+    grads = []
+    with scope:
+        for i in range(3):
+            x = torch.randn(b, C_IN, h, w, dtype=dtype)
+            dy = torch.randn(b, C_OUT, h, w, dtype=dtype)
+            got = FFT.weight_grad(x, dy, k)
+            assert torch.isfinite(got).all()
+            assert_close(got, conv_same_weight_grad(x, dy, k), RTOL[dtype], name=f"scoped weight_grad {i}")
+            grads.append((got, got.clone()))
+            (buf,) = scope._workspaces.values()
+            buf.fill_(float("nan"))
+        ptrs = {buf.data_ptr() for buf in scope._workspaces.values()}
+    assert len(ptrs) == 1, "one workspace per thread, shape and dtype"
+    for got, copy in grads:
+        assert torch.equal(got, copy), "a returned gradient shares memory with the workspace"
+    scope.close()
+    assert not scope._workspaces
+
+
 def test_150x150_once():
     b, c, k = 1, 3, 15
     x = torch.randn(b, c, 150, 150, requires_grad=True)

@@ -103,6 +103,30 @@ def test_spectral_outer_matches_reference(name, dtype, size):
     real = torch.float32 if dtype == torch.complex64 else torch.float64
     assert got.shape == (m * nh, 2 * c, o)
     assert_close(got, want, RTOL[real], name=f"{name} outer")
+    # Into a NaN-poisoned out buffer: every element written, the buffer itself returned.
+    out = torch.full_like(got, float("nan"))
+    with _impl(name) as (_, outer):
+        again = outer(torch.view_as_real(p), torch.view_as_real(q), m, out)
+    assert again.data_ptr() == out.data_ptr()
+    assert_close(out, want, RTOL[real], name=f"{name} outer into out")
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_spectral_outer_rejects_bad_out(name):
+    p = torch.randn(2, 3, 40, 2, device=DEV)
+    q = torch.randn(2, 4, 40, 2, device=DEV)
+    error = RuntimeError if name.startswith("native-") else ValueError
+    with _impl(name) as (_, outer):
+        with pytest.raises(error, match=r"out: expected .*\(40, 8, 3\)"):
+            outer(p, q, 8, torch.empty(40, 3, 8, device=DEV))
+        with pytest.raises(error, match="out: expected"):
+            outer(p, q, 8, torch.empty(40, 8, 3, dtype=torch.float64, device=DEV))
+        with pytest.raises(error, match="out: expected a contiguous"):
+            outer(p, q, 8, torch.empty(3, 8, 40, device=DEV).permute(2, 1, 0))
+        with pytest.raises(error, match="out: must not overlap"):
+            big = torch.empty(2 * 4 * 40 * 2 + 40 * 8 * 3, device=DEV)
+            qq = big[: q.numel()].view_as(q)
+            outer(p, qq, 8, big[q.numel() - 1:][: 40 * 8 * 3].view(40, 8, 3))
 
 
 @pytest.mark.skipif(native is None, reason="built with CRBP_FAST_NO_EXT=1")

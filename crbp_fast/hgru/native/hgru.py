@@ -309,10 +309,11 @@ def spectral_mix(z: Tensor, layout: Tensor, transpose: bool = False) -> Tensor:
     return _C.spectral_mix(z.contiguous(), layout, transpose)
 
 
-def spectral_outer(p: Tensor, q: Tensor, rows: int) -> Tensor:
+def spectral_outer(p: Tensor, q: Tensor, rows: int, out: Tensor | None = None) -> Tensor:
     """:func:`crbp_fast.conv.fft.spectral_outer` on real views: p (B, O, P, 2), q (B, C, P, 2)
-    of rfft2 outputs with ``rows`` = M -> S (P, 2C, O) of sum_b p[b, o] conj(q[b, c])."""
-    return _C.spectral_outer(p.contiguous(), q.contiguous(), rows)
+    of rfft2 outputs with ``rows`` = M -> S (P, 2C, O) of sum_b p[b, o] conj(q[b, c]), written
+    into ``out`` (contiguous, overlapping neither input) when given."""
+    return _C.spectral_outer(p.contiguous(), q.contiguous(), rows, out)
 
 
 # --------------------------------------------------------------------------------------------

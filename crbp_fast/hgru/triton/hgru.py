@@ -272,6 +272,22 @@ def vjp(v: Tensor, f: Factors, p: HGRUParams, conv_t: ConvFn = reference.conv_sa
 # The FFT conv's channel mix (crbp_fast/conv/fft.py)
 
 
+def _check_out(name: str, out: Tensor, shape: tuple, like: Tensor, inputs: tuple) -> None:
+    """An output buffer: ``shape`` in ``like``'s dtype and device, contiguous, sharing no memory
+    with ``inputs``."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{name}: expected a {like.dtype} {tuple(shape)} tensor on {like.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {out.stride()}")
+    lo = out.data_ptr()
+    hi = lo + out.numel() * out.element_size()
+    for t in inputs:
+        t_lo = t.data_ptr()
+        if t_lo < hi and lo < t_lo + t.numel() * t.element_size():
+            raise ValueError(f"{name}: must not overlap the inputs")
+
+
 def _check_spectrum_view(name: str, t: Tensor) -> None:
     if t.dim() != 4 or t.shape[3] != 2 or t.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{name}: expected a float32/float64 (B, X, P, 2) real view of a complex spectrum, "
@@ -301,9 +317,10 @@ def spectral_mix(z: Tensor, layout: Tensor, transpose: bool = False) -> Tensor:
     return out
 
 
-def spectral_outer(p: Tensor, q: Tensor, rows: int) -> Tensor:
+def spectral_outer(p: Tensor, q: Tensor, rows: int, out: Tensor | None = None) -> Tensor:
     """:func:`crbp_fast.conv.fft.spectral_outer` on real views: p (B, O, P, 2), q (B, C, P, 2)
-    of rfft2 outputs with ``rows`` = M -> S (P, 2C, O) of sum_b p[b, o] conj(q[b, c])."""
+    of rfft2 outputs with ``rows`` = M -> S (P, 2C, O) of sum_b p[b, o] conj(q[b, c]), written
+    into ``out`` (contiguous, overlapping neither input) when given."""
     _check_spectrum_view("p", p)
     _check_spectrum_view("q", q)
     b, no, planes, _ = p.shape
@@ -313,7 +330,11 @@ def spectral_outer(p: Tensor, q: Tensor, rows: int) -> Tensor:
         raise ValueError(f"rows: expected a positive divisor of P = {planes}, got {rows}")
     nc = q.shape[1]
     p, q = p.contiguous(), q.contiguous()
-    d = torch.empty((planes, 2 * nc, no), device=p.device, dtype=p.dtype)
+    if out is None:
+        d = torch.empty((planes, 2 * nc, no), device=p.device, dtype=p.dtype)
+    else:
+        _check_out("out", out, (planes, 2 * nc, no), p, (p, q))
+        d = out
     with ops._on(p):
         kernels.spectral_outer[(triton_cdiv(planes, kernels.MIX_LANES), no * nc)](
             p, q, d, b, no, nc, planes, rows, L=kernels.MIX_LANES, ACC=ops._tl_acc(p),
