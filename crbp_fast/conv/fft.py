@@ -85,7 +85,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -403,15 +403,20 @@ def spectrum_gradient(x: Tensor, grad: Tensor, shape: tuple[int, int], transpose
     return torch.bmm(_doubled_rows(zx).mT, _scaled(_rows(zg), weights))  # sum_b G[b, o] conj(x^[b, c])
 
 
-def _fused_spectrum_gradient(x: Tensor, grad: Tensor, shape: tuple[int, int], kernel: MixKernel,
-                              out: Tensor | None = None) -> Tensor:
+def _cat(zs: list[Tensor]) -> Tensor:
+    return zs[0] if len(zs) == 1 else torch.cat(zs)
+
+
+def _fused_spectrum_gradient(zx: Tensor, zg: Tensor, shape: tuple[int, int], kernel: MixKernel,
+                             out: Tensor | None = None) -> Tensor:
     """:func:`spectrum_gradient` (forward conv) by the fused outer product (not differentiable),
+    from the rfft2 of the input and of the output gradient (complex (B, C, M, Nh), (B, O, M, Nh)),
     into ``out`` (F, 2C, O) when given."""
-    b = x.shape[0]
-    weights = _grad_weights(shape, x.dtype, x.device).reshape(-1)
-    zx = torch.view_as_real(torch.fft.rfft2(x, s=shape))
-    zg = torch.view_as_real(torch.fft.rfft2(grad, s=shape) * weights)
-    return kernel.outer(zg.reshape(b, grad.shape[1], -1, 2), zx.reshape(b, x.shape[1], -1, 2), shape[0], out)
+    b = zx.shape[0]
+    weights = _grad_weights(shape, zx.real.dtype, zx.device).reshape(-1)
+    zg = torch.view_as_real(zg * weights).reshape(b, zg.shape[1], -1, 2)
+    zx = torch.view_as_real(zx).reshape(b, zx.shape[1], -1, 2)
+    return kernel.outer(zg, zx, shape[0], out)
 
 
 def _has_tangent(t: Tensor) -> bool:
@@ -436,9 +441,10 @@ class _Correlate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, spectrum: Tensor, shape: tuple[int, int], transpose: bool,
-                layout: Tensor | None = None, kernel=None) -> Tensor:
+                layout: Tensor | None = None, kernel=None, z: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
-        z = torch.fft.rfft2(x, s=shape)
+        if z is None:  # else x's rfft2 at this size, given (the no-graph path with a TransformMemo)
+            z = torch.fft.rfft2(x, s=shape)
         needs_rows = ctx.needs_input_grad[1]
         # The spectrum gradient needs the input's transform: as rows for the batched matmul, as
         # it is for the fused outer product.
@@ -483,7 +489,7 @@ class _Correlate(torch.autograd.Function):
             node = ctx.spectrum_node
             wanted = ctx.needs_input_grad[1] and (node is None or _will_run(node))
             gs = spectrum_gradient(x, grad, shape, transpose) if wanted else None
-            return gx, gs, None, None, None, None
+            return gx, gs, None, None, None, None, None
         b, _, h, w = grad.shape
         zg = torch.fft.rfft2(grad, s=shape)
         gx = gs = None
@@ -496,7 +502,7 @@ class _Correlate(torch.autograd.Function):
                 zx = torch.view_as_real(rows)
                 gw, zx = gw.reshape(b, gw.shape[1], -1, 2), zx.reshape(b, zx.shape[1], -1, 2)
                 gs = kernel.outer(zx, gw, shape[0]) if transpose else kernel.outer(gw, zx, shape[0])
-            return gx, gs, None, None, None, None
+            return gx, gs, None, None, None, None, None
         if transpose:  # the opposite conv is the forward one: doubled rows of the gradient
             g_rows = _doubled_rows(zg) if ctx.needs_input_grad[1] or gx is None else None
             if ctx.needs_input_grad[0] and gx is None:
@@ -509,7 +515,7 @@ class _Correlate(torch.autograd.Function):
                 gx = _inverse(_mix_adjoint(g_rows, spectrum, b, shape[0]), shape, h, w)
             if ctx.needs_input_grad[1]:
                 gs = torch.bmm(rows.mT, _scaled(g_rows, weights))
-        return gx, gs, None, None, None, None
+        return gx, gs, None, None, None, None, None
 
 
 class _SpectrumOfWeight(torch.autograd.Function):
@@ -614,6 +620,79 @@ class SpectraScope:
         return len(self._pinned)
 
 
+def _active_memo() -> "TransformMemo | None":
+    stack = getattr(_local, "memos", None)
+    return stack[-1] if stack else None
+
+
+class TransformMemo:
+    """The rfft2 of every conv input transformed while it is active, outside autograd, for
+    :meth:`FFTConv.weight_grad` to reuse instead of transforming the same tensor again (the
+    tracked step's explicit backward: every operand of its weight gradients is an input of one
+    of its convs). Keyed on the tensor object, its version counter (an in-place write since
+    makes the entry stale) and the FFT size. Entered like :class:`SpectraScope` (re-entrant,
+    any thread, the innermost serves); :meth:`close` drops what it holds.
+
+    Example:
+        >>> memo = TransformMemo()
+        >>> with memo:
+        ...     y = FFT.conv(x, w)               # x's transform is kept
+        ...     dw = FFT.weight_grad(x, dy, 15)  # and reused
+        >>> memo.close()
+    """
+
+    def __init__(self):
+        # (id(t), shape, dtype) -> (weak ref of t, t's version, complex rfft2 (B, C, M, Nh))
+        self._entries: dict[tuple, tuple] = {}
+        self.hits = 0
+
+    def __enter__(self) -> "TransformMemo":
+        stack = getattr(_local, "memos", None)
+        if stack is None:
+            stack = _local.memos = []
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _local.memos.remove(self)
+
+    def close(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, t: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor | None:
+        if t.is_inference():
+            return None
+        entry = self._entries.get((id(t), shape, dtype))
+        if entry is None or entry[0]() is not t or entry[1] != t._version:
+            return None
+        self.hits += 1
+        return entry[2]
+
+    def put(self, t: Tensor, shape: tuple[int, int], dtype: torch.dtype, z: Tensor) -> None:
+        if t.is_inference():
+            return
+        key, entries = (id(t), shape, dtype), self._entries
+
+        def drop(ref, key=key, entries=entries):  # a dead tensor's transform goes with it
+            entry = entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del entries[key]
+
+        entries[key] = (weakref.ref(t, drop), t._version, z)
+
+    def transform(self, t: Tensor, tc: Tensor, shape: tuple[int, int]) -> Tensor:
+        """rfft2 of ``tc`` (``t`` in the compute dtype, contiguous) at ``shape``, from the memo
+        when ``t`` is there unchanged, else computed and kept."""
+        z = self.get(t, shape, tc.dtype)
+        if z is None:
+            z = torch.fft.rfft2(tc, s=shape)
+            self.put(t, shape, tc.dtype, z)
+        return z
+
+
 class _Entry:
     __slots__ = ("snapshot", "spectra")
 
@@ -682,32 +761,64 @@ class FFTConv:
         correlation with the flipped, channel-transposed kernel, from the same spectrum."""
         return self._run("y", y, weight, transpose=True)
 
-    def weight_grad(self, x: Tensor, dy: Tensor, kernel_size: int) -> Tensor:
+    def weight_grad(self, x: Tensor | Sequence[Tensor], dy: Tensor | Sequence[Tensor], kernel_size: int) -> Tensor:
         """d/dw of sum(dy * conv(x, w)) for a k x k kernel, (B, C, H, W), (B, O, H, W) -> (O, C, k, k):
-        the spectrum gradient mapped back to the taps (differentiable)."""
-        _check_tensor("x", x)
-        _check_tensor("dy", dy)
-        if x.shape[0] != dy.shape[0] or x.shape[2:] != dy.shape[2:]:
-            raise ValueError(f"dy: expected the batch and image size of x {tuple(x.shape)}, got {tuple(dy.shape)}")
-        dtype = compute_dtype(x.dtype, dy.dtype)
-        shape = fft_shape(x.shape[2], x.shape[3], kernel_size)
-        xc, gc = x.to(dtype).contiguous(), dy.to(dtype).contiguous()
-        kernel = _mix_kernel(x.device, dtype)
-        if kernel is not None and not (_tracked(xc) or _tracked(gc)):
+        the spectrum gradient mapped back to the taps (differentiable). Tuples x = (x_1, ...),
+        dy = (dy_1, ...) give the sum over the pairs (one spectrum product and one map back);
+        inside a :class:`TransformMemo` their transforms come from it where it has them."""
+        pairs = (tuple(x), tuple(dy)) if not (isinstance(x, Tensor) and isinstance(dy, Tensor)) else ((x,), (dy,))
+        if len(pairs[0]) != len(pairs[1]) or not pairs[0]:
+            raise ValueError(f"x, dy: expected two tensors or two tuples of one non-zero length, got "
+                             f"{len(pairs[0])} and {len(pairs[1])} tensors")
+        for i, (xi, gi) in enumerate(zip(*pairs)):
+            _check_tensor("x" if len(pairs[0]) == 1 else f"x[{i}]", xi)
+            _check_tensor("dy" if len(pairs[0]) == 1 else f"dy[{i}]", gi)
+            first = pairs[0][0]
+            if xi.shape[1:] != first.shape[1:] or xi.device != first.device:
+                raise ValueError(f"x[{i}]: expected the channels, image size and device of x[0] "
+                                 f"{tuple(first.shape)} on {first.device}, got {tuple(xi.shape)} on {xi.device}")
+            if xi.shape[0] != gi.shape[0] or xi.shape[2:] != gi.shape[2:] or gi.device != xi.device \
+                    or gi.shape[1] != pairs[1][0].shape[1]:
+                name = "dy" if len(pairs[0]) == 1 else f"dy[{i}]"
+                raise ValueError(f"{name}: expected the batch, image size and device of x {tuple(xi.shape)} "
+                                 f"and the channels of dy[0], got {tuple(gi.shape)} on {gi.device}")
+        dtypes = [t.dtype for t in pairs[0] + pairs[1]]
+        dtype = compute_dtype(*dtypes)
+        out_dtype = dtypes[0]
+        for d in dtypes[1:]:
+            out_dtype = torch.promote_types(out_dtype, d)
+        first = pairs[0][0]
+        shape = fft_shape(first.shape[2], first.shape[3], kernel_size)
+        xs = tuple(t.to(dtype).contiguous() for t in pairs[0])
+        gs = tuple(t.to(dtype).contiguous() for t in pairs[1])
+        kernel = _mix_kernel(first.device, dtype)
+        if kernel is not None and not any(_tracked(t) for t in xs + gs):
             # Outside autograd the fused outer product: the batched matmul runs one tiny
             # (2C x 2B) x (2B x O) product per frequency (65 against ~15 ms at B2-C25-160x81).
             # Inside a scope on CPU the product goes into the scope's workspace, consumed by
             # kernel_spectrum_adjoint below before any other weight_grad on this thread.
             scope = _active_scope()
             out = None
-            if scope is not None and xc.device.type == "cpu":
+            if scope is not None and first.device.type == "cpu":
                 nh = shape[1] // 2 + 1
-                out = scope.workspace((shape[0] * nh, 2 * xc.shape[1], gc.shape[1]), dtype)
+                out = scope.workspace((shape[0] * nh, 2 * first.shape[1], gs[0].shape[1]), dtype)
+            memo = _active_memo()
             with torch.no_grad():
-                grad = _fused_spectrum_gradient(xc, gc, shape, kernel, out)
+                if memo is not None:
+                    zx = [memo.transform(t, tc, shape) for t, tc in zip(pairs[0], xs)]
+                    zg = [memo.transform(t, tc, shape) for t, tc in zip(pairs[1], gs)]
+                else:
+                    zx = [torch.fft.rfft2(tc, s=shape) for tc in xs]
+                    zg = [torch.fft.rfft2(tc, s=shape) for tc in gs]
+                grad = _fused_spectrum_gradient(_cat(zx), _cat(zg), shape, kernel, out)
         else:
+            xc, gc = (xs[0], gs[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(gs))
             grad = spectrum_gradient(xc, gc, shape)
-        return kernel_spectrum_adjoint(grad, kernel_size, shape).to(torch.promote_types(x.dtype, dy.dtype))
+        return kernel_spectrum_adjoint(grad, kernel_size, shape).to(out_dtype)
+
+    def transform_memo(self) -> TransformMemo:
+        """A new :class:`TransformMemo` (for explicit backward passes that reuse transforms)."""
+        return TransformMemo()
 
     def spectrum(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """The spectrum of ``weight``'s current values at FFT size ``shape`` in ``dtype`` (no graph):
@@ -814,15 +925,17 @@ class FFTConv:
             if (torch.is_grad_enabled() and (track or xc.requires_grad)) or _has_tangent(xc):
                 out = _Correlate.apply(xc, spec, shape, transpose, layout, kernel)
             else:
+                memo = _active_memo()
                 with torch.no_grad():
-                    out = _Correlate.forward(_NoCtx(), xc, spec, shape, transpose, layout, kernel)
+                    z = memo.transform(x, xc, shape) if memo is not None else None
+                    out = _Correlate.forward(_NoCtx(), xc, spec, shape, transpose, layout, kernel, z)
         return out.to(out_dtype)
 
 
 class _NoCtx:
     """Stands in for autograd's ctx when :class:`_Correlate`'s forward runs without a graph."""
 
-    needs_input_grad = (False, False, False, False, False, False)
+    needs_input_grad = (False, False, False, False, False, False, False)
 
     @staticmethod
     def save_for_backward(*tensors) -> None:
@@ -834,6 +947,6 @@ class _NoCtx:
 FFT = FFTConv()
 
 __all__ = [
-    "FFT", "CacheInfo", "FFTConv", "SpectraScope", "compute_dtype", "correlate", "fft_shape",
+    "FFT", "CacheInfo", "FFTConv", "SpectraScope", "TransformMemo", "compute_dtype", "correlate", "fft_shape",
     "kernel_spectrum", "kernel_spectrum_adjoint", "mix_layout", "smooth_size", "spectral_mix", "spectrum_gradient",
 ]

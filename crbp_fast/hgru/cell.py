@@ -249,7 +249,9 @@ class HGRUCell(nn.Module):
         :func:`crbp_fast.engine.fixed_point` for the tracked step of rbp / crbp; under autocast
         or in half precision the step and the penalty go through autograd (the penalty by a
         double backward, as published). Values equal ``cell(x, h)`` and
-        :func:`crbp_fast.lcp_penalty`; gradients in x, h and every parameter too.
+        :func:`crbp_fast.lcp_penalty`, and so do the gradients in x and every parameter; the
+        gradient in h also differentiates the penalty in h (``lcp_penalty`` takes J at a
+        detached h; ``fixed_point`` passes a detached fixed point, where the two agree).
         """
         h = self.check_inputs(x, h)
         _, engine = self._backend_and_conv(x)

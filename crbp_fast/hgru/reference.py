@@ -88,7 +88,7 @@ cross-check; slower).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -334,13 +334,27 @@ def vjp(
 # --------------------------------------------------------------------------------------------
 # The tracked step's backward and the LCP penalty's gradient
 
-WeightGradFn = Callable[[Tensor, Tensor, int], Tensor]
+Pairs = Union[Tensor, Sequence[Tensor]]
+#: ``weight_grad(x, dy, k)``: x, dy tensors, or equal-length tuples of tensors (the gradient
+#: summed over the pairs, as of their batch concatenation).
+def concat_pairs(x: Pairs, dy: Pairs) -> tuple[Tensor, Tensor]:
+    """(x, dy) of a weight gradient as two tensors: tuples are concatenated along the batch."""
+    if isinstance(x, Tensor) and isinstance(dy, Tensor):
+        return x, dy
+    if isinstance(x, Tensor) or isinstance(dy, Tensor) or len(x) != len(dy) or not len(x):
+        raise ValueError("x, dy: expected two tensors or two tuples of tensors of one non-zero length, got "
+                         f"{type(x).__name__} and {type(dy).__name__}")
+    return (x[0], dy[0]) if len(x) == 1 else (torch.cat(tuple(x)), torch.cat(tuple(dy)))
 
 
-def conv_same_weight_grad(x: Tensor, dy: Tensor, kernel_size: int) -> Tensor:
+WeightGradFn = Callable[[Pairs, Pairs, int], Tensor]
+
+
+def conv_same_weight_grad(x: Pairs, dy: Pairs, kernel_size: int) -> Tensor:
     """d/dw of sum(dy * conv_same(x, w)) for a k x k kernel: (B, C, H, W), (B, O, H, W) ->
     (O, C, k, k), dw[o, c] = sum_b dy[b, o] (*) x[b, c], as a plain conv2d (differentiable,
-    forward-mode included)."""
+    forward-mode included). Tuples x = (x_1, ...), dy = (dy_1, ...) give the sum over the pairs."""
+    x, dy = concat_pairs(x, dy)
     return F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), padding=kernel_size // 2).transpose(0, 1)
 
 
@@ -432,8 +446,8 @@ def step_vjp(
     du2 = torch.einsum("bohw,bchw->oc", dm2, t.h1).reshape(p.u2_weight.shape)
     dnorm_exc = _norm_param_grads(dc2, f.xhat2, p.norm_exc)
     dr2 = norm_vjp(dc2, f.xhat2, f.invstd2, p.norm_exc)
+    dh1 = dh1 + conv_t(dr2, p.w_exc)  # before the weight gradient: an FFT engine reuses dr2's transform
     dw_exc = weight_grad(t.h1, dr2, k)
-    dh1 = dh1 + conv_t(dr2, p.w_exc)
     dx = dh1 * t.s_r
     dq = dh1 * f.dq_coef
     dc1 = dq * f.dc1_coef
@@ -442,8 +456,8 @@ def step_vjp(
     dh = dh + da * p.alpha
     dnorm_inh = _norm_param_grads(dc1, f.xhat1, p.norm_inh)
     dr1 = norm_vjp(dc1, f.xhat1, f.invstd1, p.norm_inh)
-    dw_inh = weight_grad(t.hg, dr1, k)
     dhg = conv_t(dr1, p.w_inh)
+    dw_inh = weight_grad(t.hg, dr1, k)
     dm1 = dhg * f.hg1_slope
     dh = dh + dhg * f.g1 + _mix_t(dm1, p.u1_weight)
     du1 = torch.einsum("bohw,bchw->oc", dm1, t.h).reshape(p.u1_weight.shape)
@@ -532,7 +546,7 @@ def lcp_tangent(
     """D_h[step_vjp(1)] . w, plus step_vjp(v) when ``v`` is given: the gradient in x, h and every parameter of sum_i w_i u_i,
     u = J^T 1 (module docstring), as explicit passes: the tangent of the forward step along
     h-direction ``w`` (two convs), then the tangent of the column-sum pass (two transposed convs
-    and the two weight gradients, each one call over the batch-concatenated pair of terms).
+    and the two weight gradients, each one call over the pair of terms).
     ``m`` is :func:`column_sums`'s maps at the same point (their primal values are reused).
 
     Every map of step_vjp(v) enters the tangent pass's maps linearly and with the same
@@ -573,8 +587,8 @@ def lcp_tangent(
     du2 = _pixel_outer(dm2_t, t.h1, p.u2_weight) + _pixel_outer(m.dm2, h1_t, p.u2_weight)
     dnorm_exc = _norm_param_tangents(m.dc2, dc2_t, f.xhat2, xhat2_t, p.norm_exc)
     dr2_t = _norm_vjp_tangent(m.dc2, dc2_t, f.xhat2, xhat2_t, f.invstd2, invstd2_rel_t, m.dr2, p.norm_exc)
-    dw_exc = weight_grad(torch.cat([h1_t, t.h1]), torch.cat([m.dr2, dr2_t]), k)
     dh1_t = dh1_t + conv_t(dr2_t, p.w_exc)
+    dw_exc = weight_grad((h1_t, t.h1), (m.dr2, dr2_t), k)
     s_r_t = t.s_r * (1 - t.s_r) * r_t
     s_q_t = t.s_q * (1 - t.s_q) * q_t
     dx = dh1_t * t.s_r + m.dh1 * s_r_t
@@ -585,8 +599,8 @@ def lcp_tangent(
     dh_t = dh_t + da_t * p.alpha
     dnorm_inh = _norm_param_tangents(m.dc1, dc1_t, f.xhat1, xhat1_t, p.norm_inh)
     dr1_t = _norm_vjp_tangent(m.dc1, dc1_t, f.xhat1, xhat1_t, f.invstd1, invstd1_rel_t, m.dr1, p.norm_inh)
-    dw_inh = weight_grad(torch.cat([hg_t, t.hg]), torch.cat([m.dr1, dr1_t]), k)
     dhg_t = conv_t(dr1_t, p.w_inh)
+    dw_inh = weight_grad((hg_t, t.hg), (m.dr1, dr1_t), k)
     dm1 = m.dhg * f.hg1_slope
     dm1_t = dhg_t * f.hg1_slope + m.dhg * (w * g1_slope + h * (1 - 2 * f.g1) * g1_t)
     dh_t = dh_t + dhg_t * f.g1 + m.dhg * g1_t + _mix_t(dm1_t, p.u1_weight)

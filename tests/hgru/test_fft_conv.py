@@ -215,6 +215,101 @@ def test_weight_grad_in_a_scope_reuses_one_workspace(dtype):
     assert not scope._workspaces
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_weight_grad_of_pairs_is_that_of_the_concatenation(dtype):
+    """weight_grad((x1, x2), (dy1, dy2)) = weight_grad(cat x, cat dy), for both engines, fused
+    (plain tensors) and differentiable (a tracked operand); mismatched pairs are refused."""
+    from crbp_fast.hgru.reference import conv_same_weight_grad
+
+    k = 5
+    x1, x2 = torch.randn(2, C_IN, 11, 14, dtype=dtype), torch.randn(3, C_IN, 11, 14, dtype=dtype)
+    g1, g2 = torch.randn(2, C_OUT, 11, 14, dtype=dtype), torch.randn(3, C_OUT, 11, 14, dtype=dtype)
+    want = conv_same_weight_grad(torch.cat([x1, x2]), torch.cat([g1, g2]), k)
+    for engine in (FFT, DIRECT):
+        got = engine.weight_grad((x1, x2), (g1, g2), k)
+        assert torch.isfinite(got).all()
+        assert_close(got, want, RTOL[dtype], name=f"{engine.name} pairs")
+    x1t = x1.clone().requires_grad_(True)
+    tracked = FFT.weight_grad((x1t, x2), (g1, g2), k)
+    assert tracked.grad_fn is not None
+    assert_close(tracked.detach(), want, RTOL[dtype], name="tracked pairs")
+    with pytest.raises(ValueError, match="x, dy: expected two tensors or two tuples"):
+        FFT.weight_grad((x1, x2), (g1,), k)
+    with pytest.raises(ValueError, match=r"dy\[1\]: expected the batch"):
+        FFT.weight_grad((x1, x2), (g1, g1), k)
+    with pytest.raises(ValueError, match="x, dy: expected two tensors or two tuples"):
+        DIRECT.weight_grad((x1, x2), g1, k)
+
+
+def test_transform_memo_reuses_only_unchanged_tensors():
+    """A TransformMemo keeps the rfft2 of each conv input (outside autograd) for weight_grad:
+    hits for the same unchanged tensor, a fresh transform after an in-place write (the version
+    counter), none for another tensor; results equal the direct gradient throughout; a dead
+    tensor's entry goes with it and close() empties the memo."""
+    from crbp_fast.hgru.reference import conv_same_weight_grad
+
+    k = 5
+    x = torch.randn(2, C_IN, 12, 13, dtype=torch.float64)
+    dy = torch.randn(2, C_OUT, 12, 13, dtype=torch.float64)
+    w = torch.randn(C_OUT, C_IN, k, k, dtype=torch.float64)
+    memo = fft_conv.TransformMemo()
+    with memo:
+        FFT.conv(x, w)
+        FFT.conv_transpose(dy, w)
+        assert len(memo) == 2 and memo.hits == 0
+        assert_close(FFT.weight_grad(x, dy, k), conv_same_weight_grad(x, dy, k), RTOL[torch.float64], name="memo")
+        assert memo.hits == 2, "both operands' transforms reused"
+        x.mul_(-0.5)  # in place: the kept transform is stale
+        assert_close(FFT.weight_grad(x, dy, k), conv_same_weight_grad(x, dy, k), RTOL[torch.float64],
+                     name="after an in-place write")
+        assert memo.hits == 3, "dy reused, x transformed anew"
+        other = x.clone()
+        assert_close(FFT.weight_grad(other, dy, k), conv_same_weight_grad(other, dy, k), RTOL[torch.float64],
+                     name="another tensor")
+        before = len(memo)
+        del other
+        gc.collect()
+        assert len(memo) == before - 1, "a dead tensor's transform is dropped"
+    memo.close()
+    assert len(memo) == 0
+    with torch.enable_grad():  # inside autograd nothing is kept
+        with memo:
+            FFT.conv(x.clone().requires_grad_(True), w)
+        assert len(memo) == 0
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_tracked_step_reuses_every_weight_gradient_transform(monkeypatch, norm):
+    """On CPU the tracked step's penalty backward takes all 8 operand transforms of its two
+    weight gradients from the memo (4 made in its forward, 4 by its own convs), and its
+    gradients equal the autograd route's."""
+    hits = []
+    original = fft_conv.TransformMemo.get
+
+    def get(self, t, shape, dtype):
+        z = original(self, t, shape, dtype)
+        hits.append(z is not None)
+        return z
+
+    monkeypatch.setattr(fft_conv.TransformMemo, "get", get)
+    torch.manual_seed(3)
+    cell = HGRUCell(channels=4, kernel_size=5, conv="fft", norm=norm).double()
+    x = torch.randn(2, 4, 11, 13, dtype=torch.float64)
+    h = torch.rand(2, 4, 11, 13, dtype=torch.float64, requires_grad=True)
+    state, penalty = cell.tracked_step(x, h, 0.5)
+    hits.clear()
+    params = list(cell.parameters())
+    got = torch.autograd.grad(state.square().sum() + 3 * penalty, [h, *params])
+    assert sum(hits) == 8, f"expected the 8 weight-gradient operands from the memo, got {sum(hits)} of {len(hits)}"
+    # lcp_penalty takes J at a detached h; the tracked step also differentiates the penalty in h.
+    from crbp_fast.engine.lcp import lcp_from_step
+
+    out = cell(x, h)
+    want = torch.autograd.grad(out.square().sum() + 3 * lcp_from_step(out, h, 0.5, create_graph=True), [h, *params])
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, 1e-9, name=f"gradient {i}")
+
+
 def test_150x150_once():
     b, c, k = 1, 3, 15
     x = torch.randn(b, c, 150, 150, requires_grad=True)
