@@ -71,7 +71,10 @@ backward that will not reach the spectrum (the LCP's d/dh) skips its gradient. F
 (``torch.autograd.forward_ad``) works too: the conv node's jvp convolves each tangent with the
 other primal (the reference's forward-mode LCP gradient runs through it).
 :meth:`FFTConv.weight_grad` is the weight gradient on its own (the spectrum gradient mapped back
-to the taps), for explicit backward passes.
+to the taps), for explicit backward passes: of one pair (x, dy) or of several (the sum, one
+spectrum product), with the operands' transforms taken from a :class:`TransformMemo` where a
+conv inside it already made them, and on CPU inside a :class:`SpectraScope` its (F, 2C, O)
+product written into the scope's one reused buffer (:meth:`SpectraScope.workspace`).
 
 float16 / bfloat16 inputs are computed in float32 and the result cast back; float64 stays
 float64; under autocast the result takes the autocast dtype, as ``F.conv2d``'s does. The same
