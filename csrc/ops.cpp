@@ -183,6 +183,13 @@ OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::n
 
 using Named = std::pair<const Tensor*, const char*>;
 
+// A buffer these kernels write in place gets a new version, as an in-place torch op would give
+// it: autograd then refuses a saved copy that was overwritten, and anything keyed on the version
+// (the FFT engine's transform memo) sees the change. Inference tensors have no counter.
+void mark_written(const Tensor& out) {
+  if (out.defined() && !out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
+}
+
 // An optional output buffer (see ops.h): like ref, and either exactly `may_be` or disjoint from
 // it, and disjoint from every tensor in `others`. Returns the buffer, or an undefined tensor.
 Tensor check_out(const OptTensor& out, const char* name, const Tensor& ref, const char* ref_name, Named may_be,
@@ -198,6 +205,7 @@ Tensor check_out(const OptTensor& out, const char* name, const Tensor& ref, cons
     TORCH_CHECK(at::get_overlap_status(*out, *other.first) == at::MemOverlapStatus::No, name,
                 ": must not share memory with ", other.second);
   }
+  mark_written(*out);
   return *out;
 }
 
@@ -444,6 +452,7 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const O
                     at::get_overlap_status(o, spec) == at::MemOverlapStatus::No,
                 "out: must not overlap z or spec");
     buffer = o;
+    mark_written(buffer);
   }
   return CRBP_ON_DEVICE(z, spectral_mix(z, spec, transpose, buffer));
 }
@@ -481,6 +490,7 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const
                     at::get_overlap_status(o, q) == at::MemOverlapStatus::No,
                 "out: must not overlap p or q");
     buffer = o;
+    mark_written(buffer);
   }
   return CRBP_ON_DEVICE(p, spectral_outer(p, q, rows, buffer));
 }

@@ -42,7 +42,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -71,7 +71,9 @@ class ConvEngine(Protocol):
 
     def conv_transpose(self, y: Tensor, weight: Tensor) -> Tensor: ...
 
-    def weight_grad(self, x: Tensor, dy: Tensor, kernel_size: int) -> Tensor: ...
+    def weight_grad(self, x: Tensor | Sequence[Tensor], dy: Tensor | Sequence[Tensor], kernel_size: int) -> Tensor:
+        """d/dw of sum(dy * conv(x, w)); tuples of tensors give the sum over the pairs."""
+        ...
 
 
 class DirectConv:
@@ -85,8 +87,9 @@ class DirectConv:
     def conv_transpose(self, y: Tensor, weight: Tensor) -> Tensor:
         return reference.conv_same_transpose(y, weight)
 
-    def weight_grad(self, x: Tensor, dy: Tensor, kernel_size: int) -> Tensor:
-        """d/dw of sum(dy * conv(x, w)) for a k x k kernel: (O, C, k, k)."""
+    def weight_grad(self, x: Tensor | Sequence[Tensor], dy: Tensor | Sequence[Tensor], kernel_size: int) -> Tensor:
+        """d/dw of sum(dy * conv(x, w)) for a k x k kernel: (O, C, k, k); tuples x = (x_1, ...),
+        dy = (dy_1, ...) give the sum over the pairs."""
         return reference.conv_same_weight_grad(x, dy, kernel_size)
 
 

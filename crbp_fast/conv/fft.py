@@ -72,9 +72,8 @@ backward that will not reach the spectrum (the LCP's d/dh) skips its gradient. F
 other primal (the reference's forward-mode LCP gradient runs through it).
 :meth:`FFTConv.weight_grad` is the weight gradient on its own (the spectrum gradient mapped back
 to the taps), for explicit backward passes: of one pair (x, dy) or of several (the sum, one
-spectrum product), with the operands' transforms taken from a :class:`TransformMemo` where a
-conv inside it already made them, and on CPU inside a :class:`SpectraScope` its (F, 2C, O)
-product written into the scope's one reused buffer (:meth:`SpectraScope.workspace`).
+spectrum product); inside the explicit backward's transform memo (:class:`_TransformMemo`)
+the operands' transforms come from it where a conv already made them.
 
 float16 / bfloat16 inputs are computed in float32 and the result cast back; float64 stays
 float64; under autocast the result takes the autocast dtype, as ``F.conv2d``'s does. The same
@@ -248,9 +247,16 @@ def _tracked(t: Tensor) -> bool:
     make_fx and other dispatch modes, torch.compile) or a tensor subclass. A pocketfft call is
     opaque to all of them (a tracer would record its result as a constant), so only a plain
     tensor that nothing records takes it."""
-    if type(t) is not torch.Tensor or (t.requires_grad and torch.is_grad_enabled()) or _has_tangent(t):
+    if (t.requires_grad and torch.is_grad_enabled()) or _has_tangent(t):
         return True
-    if torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.jit.is_tracing():
+    return _traced(t)
+
+
+def _traced(t: Tensor) -> bool:
+    """Whether a tracer, a functorch transform or a tensor subclass sees the ops on ``t`` (the
+    part of :func:`_tracked` that an autograd.Function does not cover): an extension kernel or a
+    kept transform would be recorded as a constant there."""
+    if type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.jit.is_tracing():
         return True
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
@@ -406,20 +412,26 @@ def spectrum_gradient(x: Tensor, grad: Tensor, shape: tuple[int, int], transpose
     return torch.bmm(_doubled_rows(zx).mT, _scaled(_rows(zg), weights))  # sum_b G[b, o] conj(x^[b, c])
 
 
+def _describe(v: object) -> str:
+    if isinstance(v, Tensor):
+        return f"a tensor of shape {tuple(v.shape)}"
+    if isinstance(v, (tuple, list)):
+        return f"a {type(v).__name__} of {len(v)}"
+    return type(v).__name__
+
+
 def _cat(zs: list[Tensor]) -> Tensor:
     return zs[0] if len(zs) == 1 else torch.cat(zs)
 
 
-def _fused_spectrum_gradient(zx: Tensor, zg: Tensor, shape: tuple[int, int], kernel: MixKernel,
-                             out: Tensor | None = None) -> Tensor:
+def _fused_spectrum_gradient(zx: Tensor, zg: Tensor, shape: tuple[int, int], kernel: MixKernel) -> Tensor:
     """:func:`spectrum_gradient` (forward conv) by the fused outer product (not differentiable),
-    from the rfft2 of the input and of the output gradient (complex (B, C, M, Nh), (B, O, M, Nh)),
-    into ``out`` (F, 2C, O) when given."""
+    from the rfft2 of the input and of the output gradient (complex (B, C, M, Nh), (B, O, M, Nh))."""
     b = zx.shape[0]
     weights = _grad_weights(shape, zx.real.dtype, zx.device).reshape(-1)
     zg = torch.view_as_real(zg * weights).reshape(b, zg.shape[1], -1, 2)
     zx = torch.view_as_real(zx).reshape(b, zx.shape[1], -1, 2)
-    return kernel.outer(zg, zx, shape[0], out)
+    return kernel.outer(zg, zx, shape[0])
 
 
 def _has_tangent(t: Tensor) -> bool:
@@ -446,7 +458,7 @@ class _Correlate(torch.autograd.Function):
     def forward(ctx, x: Tensor, spectrum: Tensor, shape: tuple[int, int], transpose: bool,
                 layout: Tensor | None = None, kernel=None, z: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
-        if z is None:  # else x's rfft2 at this size, given (the no-graph path with a TransformMemo)
+        if z is None:  # else x's rfft2 at this size, given (the no-graph path with a transform memo)
             z = torch.fft.rfft2(x, s=shape)
         needs_rows = ctx.needs_input_grad[1]
         # The spectrum gradient needs the input's transform: as rows for the batched matmul, as
@@ -583,8 +595,6 @@ class SpectraScope:
     def __init__(self):
         # key -> (weight ref, spectrum, autograd node of the spectrum or None)
         self._pinned: dict[tuple, list] = {}
-        # (thread, shape, dtype) -> a CPU scratch tensor (:meth:`workspace`)
-        self._workspaces: dict[tuple, Tensor] = {}
         self.closed = False
 
     def __enter__(self) -> "SpectraScope":
@@ -600,56 +610,38 @@ class SpectraScope:
         _local.scopes.remove(self)
 
     def close(self) -> None:
-        """Drop every pinned spectrum and workspace (the scope cannot be entered again)."""
+        """Drop every pinned spectrum (the scope cannot be entered again)."""
         self._pinned.clear()
-        self._workspaces.clear()
         self.closed = True
-
-    def workspace(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """A CPU scratch tensor of ``shape`` and ``dtype`` for the calling thread, the same one
-        each call until :meth:`close`: for an intermediate that is consumed before the next call
-        on this thread (the weight gradient's 65 MB spectrum product at B2-C25-160x81). A fresh
-        CPU tensor of that size is new memory from the system each time, and its first write
-        costs a page fault per 4 KiB (up to ~0.4 s per training iteration on a loaded machine).
-        Its contents are whatever the last user left."""
-        key = (threading.get_ident(), tuple(shape), dtype)
-        buf = self._workspaces.get(key)
-        if buf is None:
-            with torch.inference_mode(False), torch.no_grad():
-                buf = self._workspaces[key] = torch.empty(shape, dtype=dtype)
-        return buf
 
     def __len__(self) -> int:
         return len(self._pinned)
 
 
-def _active_memo() -> "TransformMemo | None":
+def _active_memo() -> "_TransformMemo | None":
     stack = getattr(_local, "memos", None)
     return stack[-1] if stack else None
 
 
-class TransformMemo:
-    """The rfft2 of every conv input transformed while it is active, outside autograd, for
-    :meth:`FFTConv.weight_grad` to reuse instead of transforming the same tensor again (the
-    tracked step's explicit backward: every operand of its weight gradients is an input of one
-    of its convs). Keyed on the tensor object, its version counter (an in-place write since
-    makes the entry stale) and the FFT size. Entered like :class:`SpectraScope` (re-entrant,
-    any thread, the innermost serves); :meth:`close` drops what it holds.
+class _TransformMemo:
+    """For this package's explicit backward passes (:mod:`crbp_fast.hgru.tracked`): the rfft2
+    of every conv input transformed while the memo is active (outside autograd and tracing),
+    for :meth:`FFTConv.weight_grad` to reuse instead of transforming the same tensor again.
 
-    Example:
-        >>> memo = TransformMemo()
-        >>> with memo:
-        ...     y = FFT.conv(x, w)               # x's transform is kept
-        ...     dw = FFT.weight_grad(x, dy, 15)  # and reused
-        >>> memo.close()
+    An entry is used only for the same tensor object with the same data pointer, shape,
+    strides and version counter. The version catches torch's in-place ops and the native
+    kernels' ``out=`` writes (they bump it); it cannot see writes through ``.data`` or a numpy
+    view, so the memo is only given tensors the package itself made and does not write that way
+    (the tracked step's intermediates). Entered like :class:`SpectraScope` (re-entrant, any
+    thread, the innermost serves); :meth:`close` drops what it holds.
     """
 
     def __init__(self):
-        # (id(t), shape, dtype) -> (weak ref of t, t's version, complex rfft2 (B, C, M, Nh))
+        # (id(t), shape, dtype) -> (weak ref of t, (data_ptr, shape, strides, version), rfft2)
         self._entries: dict[tuple, tuple] = {}
         self.hits = 0
 
-    def __enter__(self) -> "TransformMemo":
+    def __enter__(self) -> "_TransformMemo":
         stack = getattr(_local, "memos", None)
         if stack is None:
             stack = _local.memos = []
@@ -665,11 +657,15 @@ class TransformMemo:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @staticmethod
+    def _stamp(t: Tensor) -> tuple:
+        return t.data_ptr(), tuple(t.shape), t.stride(), t._version
+
     def get(self, t: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor | None:
         if t.is_inference():
             return None
         entry = self._entries.get((id(t), shape, dtype))
-        if entry is None or entry[0]() is not t or entry[1] != t._version:
+        if entry is None or entry[0]() is not t or entry[1] != self._stamp(t):
             return None
         self.hits += 1
         return entry[2]
@@ -677,14 +673,25 @@ class TransformMemo:
     def put(self, t: Tensor, shape: tuple[int, int], dtype: torch.dtype, z: Tensor) -> None:
         if t.is_inference():
             return
-        key, entries = (id(t), shape, dtype), self._entries
+        key, memo = (id(t), shape, dtype), weakref.ref(self)
 
-        def drop(ref, key=key, entries=entries):  # a dead tensor's transform goes with it
-            entry = entries.get(key)
-            if entry is not None and entry[0] is ref:
-                del entries[key]
+        def drop(ref, key=key, memo=memo):  # a dead tensor's transform goes with it
+            owner = memo()
+            if owner is not None:
+                entry = owner._entries.get(key)
+                if entry is not None and entry[0] is ref:
+                    owner._entries.pop(key, None)
 
-        entries[key] = (weakref.ref(t, drop), t._version, z)
+        self._entries[key] = (weakref.ref(t, drop), self._stamp(t), z)
+
+    def items(self) -> list[tuple[Tensor, tuple[int, int], torch.dtype, Tensor]]:
+        """(tensor, FFT size, dtype, transform) of every entry whose tensor is alive."""
+        out = []
+        for (_, shape, dtype), (ref, _, z) in list(self._entries.items()):
+            t = ref()
+            if t is not None:
+                out.append((t, shape, dtype, z))
+        return out
 
     def transform(self, t: Tensor, tc: Tensor, shape: tuple[int, int]) -> Tensor:
         """rfft2 of ``tc`` (``t`` in the compute dtype, contiguous) at ``shape``, from the memo
@@ -694,6 +701,7 @@ class TransformMemo:
             z = torch.fft.rfft2(tc, s=shape)
             self.put(t, shape, tc.dtype, z)
         return z
+
 
 
 class _Entry:
@@ -768,11 +776,17 @@ class FFTConv:
         """d/dw of sum(dy * conv(x, w)) for a k x k kernel, (B, C, H, W), (B, O, H, W) -> (O, C, k, k):
         the spectrum gradient mapped back to the taps (differentiable). Tuples x = (x_1, ...),
         dy = (dy_1, ...) give the sum over the pairs (one spectrum product and one map back);
-        inside a :class:`TransformMemo` their transforms come from it where it has them."""
-        pairs = (tuple(x), tuple(dy)) if not (isinstance(x, Tensor) and isinstance(dy, Tensor)) else ((x,), (dy,))
-        if len(pairs[0]) != len(pairs[1]) or not pairs[0]:
-            raise ValueError(f"x, dy: expected two tensors or two tuples of one non-zero length, got "
-                             f"{len(pairs[0])} and {len(pairs[1])} tensors")
+        inside the explicit backward's transform memo their transforms come from it where it has them."""
+        if isinstance(x, Tensor) and isinstance(dy, Tensor):
+            pairs = ((x,), (dy,))
+        elif isinstance(x, (tuple, list)) and isinstance(dy, (tuple, list)) and len(x) == len(dy) and len(x):
+            pairs = (tuple(x), tuple(dy))
+        elif isinstance(x, (Tensor, tuple, list)) and isinstance(dy, (Tensor, tuple, list)):
+            raise ValueError(f"x, dy: expected two tensors or two tuples of tensors of one non-zero length, got "
+                             f"{_describe(x)} and {_describe(dy)}")
+        else:
+            _check_tensor("x", x)
+            _check_tensor("dy", dy)
         for i, (xi, gi) in enumerate(zip(*pairs)):
             _check_tensor("x" if len(pairs[0]) == 1 else f"x[{i}]", xi)
             _check_tensor("dy" if len(pairs[0]) == 1 else f"dy[{i}]", gi)
@@ -798,13 +812,6 @@ class FFTConv:
         if kernel is not None and not any(_tracked(t) for t in xs + gs):
             # Outside autograd the fused outer product: the batched matmul runs one tiny
             # (2C x 2B) x (2B x O) product per frequency (65 against ~15 ms at B2-C25-160x81).
-            # Inside a scope on CPU the product goes into the scope's workspace, consumed by
-            # kernel_spectrum_adjoint below before any other weight_grad on this thread.
-            scope = _active_scope()
-            out = None
-            if scope is not None and first.device.type == "cpu":
-                nh = shape[1] // 2 + 1
-                out = scope.workspace((shape[0] * nh, 2 * first.shape[1], gs[0].shape[1]), dtype)
             memo = _active_memo()
             with torch.no_grad():
                 if memo is not None:
@@ -813,15 +820,15 @@ class FFTConv:
                 else:
                     zx = [torch.fft.rfft2(tc, s=shape) for tc in xs]
                     zg = [torch.fft.rfft2(tc, s=shape) for tc in gs]
-                grad = _fused_spectrum_gradient(_cat(zx), _cat(zg), shape, kernel, out)
+                grad = _fused_spectrum_gradient(_cat(zx), _cat(zg), shape, kernel)
         else:
             xc, gc = (xs[0], gs[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(gs))
             grad = spectrum_gradient(xc, gc, shape)
         return kernel_spectrum_adjoint(grad, kernel_size, shape).to(out_dtype)
 
-    def transform_memo(self) -> TransformMemo:
-        """A new :class:`TransformMemo` (for explicit backward passes that reuse transforms)."""
-        return TransformMemo()
+    def transform_memo(self) -> _TransformMemo:
+        """A new transform memo, for this package's explicit backward passes (:class:`_TransformMemo`)."""
+        return _TransformMemo()
 
     def spectrum(self, weight: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """The spectrum of ``weight``'s current values at FFT size ``shape`` in ``dtype`` (no graph):
@@ -921,16 +928,19 @@ class FFTConv:
         shape = fft_shape(height, width, kh)
         track = torch.is_grad_enabled() and weight.requires_grad
         spec, base = self._lookup(weight, shape, dtype, track)
-        kernel = _mix_kernel(x.device, dtype)
-        layout = self._layout(base, shape) if kernel is not None else None
         with torch.autocast(device_type, enabled=False):
             xc = x.to(dtype).contiguous()
+        # Under a tracer the plain-torch mix: the extension's kernel would be recorded as a constant.
+        kernel = None if _traced(xc) else _mix_kernel(x.device, dtype)
+        layout = self._layout(base, shape) if kernel is not None else None
+        with torch.autocast(device_type, enabled=False):
             if (torch.is_grad_enabled() and (track or xc.requires_grad)) or _has_tangent(xc):
                 out = _Correlate.apply(xc, spec, shape, transpose, layout, kernel)
             else:
                 memo = _active_memo()
                 with torch.no_grad():
-                    z = memo.transform(x, xc, shape) if memo is not None else None
+                    # Not for a tensor a tracer records: a kept transform would become a constant.
+                    z = memo.transform(x, xc, shape) if memo is not None and not _traced(xc) else None
                     out = _Correlate.forward(_NoCtx(), xc, spec, shape, transpose, layout, kernel, z)
         return out.to(out_dtype)
 
@@ -950,6 +960,6 @@ class _NoCtx:
 FFT = FFTConv()
 
 __all__ = [
-    "FFT", "CacheInfo", "FFTConv", "SpectraScope", "TransformMemo", "compute_dtype", "correlate", "fft_shape",
+    "FFT", "CacheInfo", "FFTConv", "SpectraScope", "compute_dtype", "correlate", "fft_shape",
     "kernel_spectrum", "kernel_spectrum_adjoint", "mix_layout", "smooth_size", "spectral_mix", "spectrum_gradient",
 ]

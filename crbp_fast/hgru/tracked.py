@@ -10,11 +10,12 @@ penalty's), so the step's backward and the penalty's second-order gradient share
 transposed convs and two weight gradients. Autograd's route differentiates the recorded
 graph of the step and then of its create_graph VJP (a double backward: more convs, more maps).
 
-On CPU with the FFT engine the node keeps the transforms of its convs' inputs from its forward
-to its backward (a :class:`~crbp_fast.conv.fft.TransformMemo`: four spectra, 21 MB at
-B2-C25-150x150), and its backward's, so every operand of its weight gradients is transformed
-once: 8 of the 12 batch-sized rfft2 of the penalty's backward are skipped. Elsewhere (CUDA,
-where a transform is cheap and memory is not) nothing is kept.
+On CPU with the FFT engine the node saves the transforms of its forward convs' inputs for its
+backward (four spectra, 21 MB at B2-C25-150x150, through ``save_for_backward`` like every map),
+and its backward reuses them and its own convs' (a transform memo,
+:class:`~crbp_fast.conv.fft._TransformMemo`), so every operand of its weight gradients is
+transformed once: 8 of the 12 batch-sized rfft2 of the penalty's backward are skipped.
+Elsewhere (CUDA, where a transform is cheap and memory is not) nothing is kept.
 
 Not differentiable twice (``once_differentiable``): a higher-order gradient through the step
 goes through the autograd route (``fixed_point(..., use_linearize=False)``).
@@ -62,9 +63,22 @@ def _memo(engine: ConvEngineLike, x: Tensor):
 class _TrackedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: _Config, x: Tensor, h: Tensor, *tensors: Tensor):
-        ctx.memo = memo = _memo(cfg.engine, x)
+        memo = _memo(cfg.engine, x)
         with memo if memo is not None else contextlib.nullcontext():
-            return _TrackedStep._forward(ctx, cfg, x, h, tensors)
+            out, saved = _TrackedStep._forward(ctx, cfg, x, h, tensors)
+        # The forward's transforms of saved maps, saved too (index of the map, FFT size, dtype).
+        ctx.main, ctx.memo_keys, spectra = len(saved), [], []
+        if memo is not None:
+            where = {id(s): i for i, s in enumerate(saved)}
+            for t, shape, dtype, z in memo.items():
+                if id(t) in where:
+                    ctx.memo_keys.append((where[id(t)], shape, dtype))
+                    spectra.append(z)
+            memo.close()
+        # Everything through save_for_backward: in-place changes of the inputs before backward
+        # raise, and saved-tensor hooks (memory accounting, offloading) see every map.
+        ctx.save_for_backward(*saved, *spectra)
+        return out
 
     @staticmethod
     def _forward(ctx, cfg: _Config, x: Tensor, h: Tensor, tensors: tuple[Tensor, ...]):
@@ -80,27 +94,26 @@ class _TrackedStep(torch.autograd.Function):
             u, column_maps = reference.column_sums(f, p, cfg.engine.conv_transpose)
             penalty, weights = reference.lcp_weights(u, cfg.target)
             maps, w, out = tuple(column_maps), (weights,), (f.state, penalty)
-        # Everything through save_for_backward: in-place changes of the inputs before backward
-        # raise, and saved-tensor hooks (memory accounting, offloading) see every map.
-        ctx.save_for_backward(x, h, *tensors, *f, *t, *maps, *w)
-        return out
+        return out, (x, h, *tensors, *f, *t, *maps, *w)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: Tensor):
-        # The forward's transforms, once (a retained graph's second backward transforms anew).
-        memo, ctx.memo = ctx.memo, None
-        memo = memo if memo is not None else _memo(ctx.cfg.engine, ctx.saved_tensors[0])
+        everything = ctx.saved_tensors
+        saved, spectra = everything[:ctx.main], everything[ctx.main:]
+        memo = _memo(ctx.cfg.engine, saved[0])
+        if memo is None:
+            return _TrackedStep._backward(ctx, saved, grads)
+        for (i, shape, dtype), z in zip(ctx.memo_keys, spectra):
+            memo.put(saved[i], shape, dtype, z)
         try:
-            with memo if memo is not None else contextlib.nullcontext():
-                return _TrackedStep._backward(ctx, grads)
+            with memo:
+                return _TrackedStep._backward(ctx, saved, grads)
         finally:
-            if memo is not None:
-                memo.close()
+            memo.close()
 
     @staticmethod
-    def _backward(ctx, grads: tuple[Tensor, ...]):
-        saved = ctx.saved_tensors
+    def _backward(ctx, saved: tuple[Tensor, ...], grads: tuple[Tensor, ...]):
         cfg, n = ctx.cfg, ctx.inputs
         nf, nt = len(reference.Factors._fields), len(reference.Tracked._fields)
         f = reference.Factors(*saved[n:n + nf])

@@ -185,37 +185,6 @@ def test_weight_grad_fused_and_autograd_paths_match_direct(monkeypatch, case, dt
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_weight_grad_in_a_scope_reuses_one_workspace(dtype):
-    """Inside a SpectraScope on CPU the fused weight gradient writes its spectrum product into
-    the scope's workspace (no fresh 65 MB allocation, and its page faults, per call): results
-    equal the direct gradient call after call, with the workspace NaN-poisoned in between, and
-    a returned gradient never aliases the workspace (a later call leaves it unchanged)."""
-    from crbp_fast.hgru.reference import conv_same_weight_grad
-
-    b, h, w, k = 2, 17, 23, 7
-    if fft_conv._mix_kernel(torch.device("cpu"), dtype) is None:
-        pytest.skip("no fused mix kernel for this dtype (CRBP_FAST_FFT_MIX=torch or no extension)")
-    scope = SpectraScope()
-    grads = []
-    with scope:
-        for i in range(3):
-            x = torch.randn(b, C_IN, h, w, dtype=dtype)
-            dy = torch.randn(b, C_OUT, h, w, dtype=dtype)
-            got = FFT.weight_grad(x, dy, k)
-            assert torch.isfinite(got).all()
-            assert_close(got, conv_same_weight_grad(x, dy, k), RTOL[dtype], name=f"scoped weight_grad {i}")
-            grads.append((got, got.clone()))
-            (buf,) = scope._workspaces.values()
-            buf.fill_(float("nan"))
-        ptrs = {buf.data_ptr() for buf in scope._workspaces.values()}
-    assert len(ptrs) == 1, "one workspace per thread, shape and dtype"
-    for got, copy in grads:
-        assert torch.equal(got, copy), "a returned gradient shares memory with the workspace"
-    scope.close()
-    assert not scope._workspaces
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_weight_grad_of_pairs_is_that_of_the_concatenation(dtype):
     """weight_grad((x1, x2), (dy1, dy2)) = weight_grad(cat x, cat dy), for both engines, fused
     (plain tensors) and differentiable (a tracked operand); mismatched pairs are refused."""
@@ -239,6 +208,10 @@ def test_weight_grad_of_pairs_is_that_of_the_concatenation(dtype):
         FFT.weight_grad((x1, x2), (g1, g1), k)
     with pytest.raises(ValueError, match="x, dy: expected two tensors or two tuples"):
         DIRECT.weight_grad((x1, x2), g1, k)
+    with pytest.raises(ValueError, match=r"x, dy: expected two tensors or two tuples .* got a tensor of shape"):
+        FFT.weight_grad(x1, (g1, g1), k)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got NoneType"):
+        FFT.weight_grad(None, g1, k)
 
 
 def test_transform_memo_reuses_only_unchanged_tensors():
@@ -252,7 +225,7 @@ def test_transform_memo_reuses_only_unchanged_tensors():
     x = torch.randn(2, C_IN, 12, 13, dtype=torch.float64)
     dy = torch.randn(2, C_OUT, 12, 13, dtype=torch.float64)
     w = torch.randn(C_OUT, C_IN, k, k, dtype=torch.float64)
-    memo = fft_conv.TransformMemo()
+    memo = fft_conv._TransformMemo()
     with memo:
         FFT.conv(x, w)
         FFT.conv_transpose(dy, w)
@@ -270,6 +243,21 @@ def test_transform_memo_reuses_only_unchanged_tensors():
         del other
         gc.collect()
         assert len(memo) == before - 1, "a dead tensor's transform is dropped"
+        # .data = another tensor (no version bump): the stamp's data pointer and shape differ.
+        hits = memo.hits
+        x.data = torch.randn(3, C_IN, 12, 13, dtype=torch.float64)
+        assert FFT.conv(x, w).shape[0] == 3 and memo.hits == hits
+        dy3 = torch.randn(3, C_OUT, 12, 13, dtype=torch.float64)
+        assert_close(FFT.weight_grad(x, dy3, k), conv_same_weight_grad(x, dy3, k), RTOL[torch.float64],
+                     name="after .data =")
+        # a tracer records the transform: nothing is taken from or put into the memo
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        kept = len(memo)
+        graph = make_fx(lambda t: FFT.conv(t, w))(x)
+        other = torch.randn_like(x)
+        assert_close(graph(other), conv_same(other, w), RTOL[torch.float64], name="traced under a memo")
+        assert len(memo) == kept
     memo.close()
     assert len(memo) == 0
     with torch.enable_grad():  # inside autograd nothing is kept
@@ -284,14 +272,14 @@ def test_tracked_step_reuses_every_weight_gradient_transform(monkeypatch, norm):
     weight gradients from the memo (4 made in its forward, 4 by its own convs), and its
     gradients equal the autograd route's."""
     hits = []
-    original = fft_conv.TransformMemo.get
+    original = fft_conv._TransformMemo.get
 
     def get(self, t, shape, dtype):
         z = original(self, t, shape, dtype)
         hits.append(z is not None)
         return z
 
-    monkeypatch.setattr(fft_conv.TransformMemo, "get", get)
+    monkeypatch.setattr(fft_conv._TransformMemo, "get", get)
     torch.manual_seed(3)
     cell = HGRUCell(channels=4, kernel_size=5, conv="fft", norm=norm).double()
     x = torch.randn(2, 4, 11, 13, dtype=torch.float64)
@@ -308,6 +296,21 @@ def test_tracked_step_reuses_every_weight_gradient_transform(monkeypatch, norm):
     want = torch.autograd.grad(out.square().sum() + 3 * lcp_from_step(out, h, 0.5, create_graph=True), [h, *params])
     for i, (a, b) in enumerate(zip(got, want)):
         assert_close(a, b, 1e-9, name=f"gradient {i}")
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_traced_conv_records_the_computation(transpose):
+    """make_fx of the FFT conv (no autograd) records torch ops, not the native mix kernel's
+    output as a constant: the graph run on other inputs gives their conv."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w = torch.randn(C_OUT, C_IN, 5, 5, dtype=torch.float64)
+    x = torch.randn(2, C_OUT if transpose else C_IN, 12, 13, dtype=torch.float64)
+    run = (lambda t: FFT.conv_transpose(t, w)) if transpose else (lambda t: FFT.conv(t, w))
+    ref = conv_same_transpose if transpose else conv_same
+    graph = make_fx(run)(x)
+    other = torch.randn_like(x)
+    assert_close(graph(other), ref(other, w), RTOL[torch.float64], name="traced conv")
 
 
 def test_150x150_once():

@@ -258,3 +258,34 @@ def test_crbp_iteration_gradients_native_fused_mix_float64(monkeypatch, algorith
         grads[backend] = {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
     for name, want in grads["torch"].items():
         assert_close(grads["native"][name], want, 1e-9, name=name)
+
+
+@pytest.mark.skipif(native is None, reason="built with CRBP_FAST_NO_EXT=1")
+def test_native_out_buffers_get_a_new_version():
+    """A buffer a native kernel writes in place gets a new version counter, as an in-place torch
+    op would give it: autograd refuses a saved tensor that was overwritten, and the FFT engine's
+    transform memo does not reuse a stale transform of it."""
+    from crbp_fast.hgru.native import _C
+
+    p = torch.randn(2, 3, 40, 2)
+    q = torch.randn(2, 4, 40, 2)
+    out = torch.empty(40, 8, 3)
+    before = out._version
+    _C.spectral_outer(p, q, 8, out=out)
+    assert out._version > before
+    z = torch.randn(2, 3, 40, 2)
+    mixed = torch.empty(2, 4, 40, 2)
+    before = mixed._version
+    _C.spectral_mix(z, torch.randn(2, 4, 3, 2, MIX_LANES), False, out=mixed)
+    assert mixed._version > before
+    dy = torch.randn(2, 3, 5, 6)
+    before = dy._version
+    _C.norm_vjp(dy, torch.randn(2, 3, 5, 6), torch.rand(2, 3) + 0.5, "batch", torch.randn(3), 1, out=dy)
+    assert dy._version > before, "a map written in place (out=dy) by a pass"
+    # the kind of defect: a saved tensor overwritten by a kernel is refused by autograd
+    a = torch.randn(40, 8, 3, requires_grad=True)
+    saved = a * 1.0
+    y = saved.sin()
+    _C.spectral_outer(p, q, 8, out=saved.detach())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -335,6 +335,8 @@ def spectral_outer(p: Tensor, q: Tensor, rows: int, out: Tensor | None = None) -
     else:
         _check_out("out", out, (planes, 2 * nc, no), p, (p, q))
         d = out
+        if not out.is_inference():  # written in place: a new version, as a torch op would give it
+            torch.autograd.graph.increment_version(out)
     with ops._on(p):
         kernels.spectral_outer[(triton_cdiv(planes, kernels.MIX_LANES), no * nc)](
             p, q, d, b, no, nc, planes, rows, L=kernels.MIX_LANES, ACC=ops._tl_acc(p),
