@@ -77,8 +77,9 @@ forward map, e.g. ``h1_t = sigma(r) r_t``; ``d*_t``: the tangent of a VJP map)::
     dr2_t = (invstd_t / invstd) dr2 + invstd (dxh_t - mean_S(dxh_t) - xhat_t m2 - xhat mean_S(dxh_t xhat + dxh xhat_t))
     dW_exc = h1_t (*)^w dr2 + h1 (*)^w dr2_t ;  dx = dh1_t sigma(r) + dh1 sigma'(r) r_t
 
-Two convs, two transposed convs and two weight gradients (each one call over the batch-
-concatenated pair of terms). Every map of step_vjp(v) enters these linearly with the same
+Two convs, two transposed convs and two weight gradients (each one call over its pair of
+terms), with five elementwise passes between them (:func:`tangent_gate_inh` ...
+:func:`tangent_vjp_gate_inh`). Every map of step_vjp(v) enters these linearly with the same
 coefficients, so seeding dz_t with v sigma(z) adds the tracked step's own backward at no
 further conv: :mod:`crbp_fast.hgru.tracked` differentiates the tracked step and the penalty in
 this one pass. :func:`lcp_gradient_forward_mode` computes the same by autograd's forward mode (a
@@ -539,35 +540,72 @@ def _pixel_outer(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
     return torch.einsum("bohw,bchw->oc", a, b).reshape(like.shape)
 
 
-def lcp_tangent(
-    w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
-    conv_t: ConvFn = conv_same_transpose, weight_grad: WeightGradFn | None = None, v: Tensor | None = None,
-) -> StepGrads:
-    """D_h[step_vjp(1)] . w, plus step_vjp(v) when ``v`` is given: the gradient in x, h and every parameter of sum_i w_i u_i,
-    u = J^T 1 (module docstring), as explicit passes: the tangent of the forward step along
-    h-direction ``w`` (two convs), then the tangent of the column-sum pass (two transposed convs
-    and the two weight gradients, each one call over the pair of terms).
-    ``m`` is :func:`column_sums`'s maps at the same point (their primal values are reused).
+class InhibitTangent(NamedTuple):
+    """:func:`tangent_inhibit`'s maps: tangents along w of the forward maps between the convs."""
 
-    Every map of step_vjp(v) enters the tangent pass's maps linearly and with the same
-    coefficients, so step_vjp(v) is added by seeding dz with v sigma(z): the tracked step's
-    backward and the penalty's gradient in one pass, sharing its convs and weight gradients."""
-    weight_grad = weight_grad or conv_same_weight_grad
-    k = p.w_inh.shape[-1]
-    h, hh = t.h, f.hh_minus_h + t.h
-    # Tangent of the forward step along w (suffix _t).
+    xhat1_t: Tensor
+    invstd1_rel_t: Tensor | None  # d invstd1 / invstd1 (None for norm "none")
+    c1_t: Tensor
+    q_t: Tensor
+    r_t: Tensor
+    h1_t: Tensor  # the excitatory conv's input tangent
+    g2_t: Tensor
+
+
+class ExciteTangent(NamedTuple):
+    """:func:`tangent_excite_mix`'s maps and parameter gradients."""
+
+    dh1_t: Tensor  # without the transposed exc conv's term
+    dh_t: Tensor
+    dr2_t: Tensor  # the transposed exc conv's input
+    dm2_t: Tensor
+    kappa: Tensor
+    gamma: Tensor
+    omega: Tensor
+    u2_weight: Tensor
+    norm_exc: tuple[Tensor, Tensor] | None
+
+
+class VjpInhibitTangent(NamedTuple):
+    """:func:`tangent_vjp_inhibit`'s maps and parameter gradients."""
+
+    dx: Tensor
+    dh_t: Tensor
+    dr1_t: Tensor  # the transposed inh conv's input
+    alpha: Tensor
+    mu: Tensor
+    norm_inh: tuple[Tensor, Tensor] | None
+
+
+def tangent_gate_inh(w: Tensor, f: Factors, t: Tracked, p: HGRUParams) -> tuple[Tensor, Tensor]:
+    """Pass 1 of :func:`lcp_tangent`, before the inhibitory conv: (g1_t, hg_t), the tangents of
+    the inhibition gate and of the conv's input hg = h g1 along w."""
     g1_slope = f.g1 * (1 - f.g1)
     g1_t = g1_slope * _mix(w, p.u1_weight)
-    hg_t = w * f.g1 + h * g1_t
-    xhat1_t, invstd1_rel_t = _norm_tangent(conv(hg_t, p.w_inh), f.xhat1, f.invstd1, p.norm_inh)
+    return g1_t, w * f.g1 + t.h * g1_t
+
+
+def tangent_inhibit(c1_raw_t: Tensor, w: Tensor, f: Factors, t: Tracked, p: HGRUParams) -> InhibitTangent:
+    """Pass 2, between the convs: from the inhibitory conv's output tangent, the tangents of its
+    normalisation, of q, r, h1 (the excitatory conv's input) and of the excitation gate."""
+    xhat1_t, invstd1_rel_t = _norm_tangent(c1_raw_t, f.xhat1, f.invstd1, p.norm_inh)
     c1_t = _scaled_norm(xhat1_t, p.norm_inh)
-    a_t = p.alpha * w
-    q_t = c1_t * f.dc1_coef + t.c1 * a_t
+    q_t = c1_t * f.dc1_coef + t.c1 * (p.alpha * w)
     r_t = -t.s_q * q_t
     h1_t = t.s_r * r_t
     g2_t = f.g2_slope * _mix(h1_t, p.u2_weight)
-    xhat2_t, invstd2_rel_t = _norm_tangent(conv(h1_t, p.w_exc), f.xhat2, f.invstd2, p.norm_exc)
+    return InhibitTangent(xhat1_t, invstd1_rel_t, c1_t, q_t, r_t, h1_t, g2_t)
+
+
+def tangent_excite_mix(c2_raw_t: Tensor, w: Tensor, it: InhibitTangent, f: Factors, t: Tracked, m: ColumnSumMaps,
+                       p: HGRUParams, v: Tensor | None = None) -> ExciteTangent:
+    """Pass 3, after the excitatory conv: the rest of the forward tangent (its normalisation,
+    e, hh, z), then the tangent of the column-sum pass down to the transposed exc conv's input
+    dr2_t, with the gradients of kappa, gamma, omega, U2 and the exc normalisation; ``v`` seeds
+    dz with the tracked step's own backward (:func:`lcp_tangent`)."""
+    xhat2_t, invstd2_rel_t = _norm_tangent(c2_raw_t, f.xhat2, f.invstd2, p.norm_exc)
     c2_t = _scaled_norm(xhat2_t, p.norm_exc)
+    h1_t, g2_t = it.h1_t, it.g2_t
     e_t = p.kappa * h1_t + p.gamma * c2_t + p.omega * (h1_t * t.c2 + t.h1 * c2_t)
     hh_t = f.s_e * e_t
     z_t = (1 - f.g2) * w + g2_t * f.hh_minus_h + f.g2 * hh_t
@@ -587,28 +625,69 @@ def lcp_tangent(
     du2 = _pixel_outer(dm2_t, t.h1, p.u2_weight) + _pixel_outer(m.dm2, h1_t, p.u2_weight)
     dnorm_exc = _norm_param_tangents(m.dc2, dc2_t, f.xhat2, xhat2_t, p.norm_exc)
     dr2_t = _norm_vjp_tangent(m.dc2, dc2_t, f.xhat2, xhat2_t, f.invstd2, invstd2_rel_t, m.dr2, p.norm_exc)
-    dh1_t = dh1_t + conv_t(dr2_t, p.w_exc)
-    dw_exc = weight_grad((h1_t, t.h1), (m.dr2, dr2_t), k)
-    s_r_t = t.s_r * (1 - t.s_r) * r_t
-    s_q_t = t.s_q * (1 - t.s_q) * q_t
+    return ExciteTangent(dh1_t, dh_t, dr2_t, dm2_t, dkappa, dgamma, domega, du2, dnorm_exc)
+
+
+def tangent_vjp_inhibit(dh1_t: Tensor, dh_t: Tensor, w: Tensor, it: InhibitTangent, f: Factors, t: Tracked,
+                        m: ColumnSumMaps, p: HGRUParams) -> VjpInhibitTangent:
+    """Pass 4, after the transposed exc conv (its term added to ``dh1_t``): dx, the tangents of
+    dq, dc1 down to the transposed inh conv's input dr1_t, with the gradients of alpha, mu and
+    the inh normalisation."""
+    s_r_t = t.s_r * (1 - t.s_r) * it.r_t
+    s_q_t = t.s_q * (1 - t.s_q) * it.q_t
     dx = dh1_t * t.s_r + m.dh1 * s_r_t
     dq_t = dh1_t * f.dq_coef - m.dh1 * (s_r_t * t.s_q + t.s_r * s_q_t)
-    dc1_t = dq_t * f.dc1_coef + m.dq * a_t
-    da, da_t = m.dq * t.c1, dq_t * t.c1 + m.dq * c1_t
-    dalpha, dmu = _channel_sum(da_t * h + da * w, p.alpha), _channel_sum(da_t, p.mu)
+    dc1_t = dq_t * f.dc1_coef + m.dq * (p.alpha * w)
+    da, da_t = m.dq * t.c1, dq_t * t.c1 + m.dq * it.c1_t
+    dalpha, dmu = _channel_sum(da_t * t.h + da * w, p.alpha), _channel_sum(da_t, p.mu)
     dh_t = dh_t + da_t * p.alpha
-    dnorm_inh = _norm_param_tangents(m.dc1, dc1_t, f.xhat1, xhat1_t, p.norm_inh)
-    dr1_t = _norm_vjp_tangent(m.dc1, dc1_t, f.xhat1, xhat1_t, f.invstd1, invstd1_rel_t, m.dr1, p.norm_inh)
-    dhg_t = conv_t(dr1_t, p.w_inh)
-    dw_inh = weight_grad((hg_t, t.hg), (m.dr1, dr1_t), k)
+    dnorm_inh = _norm_param_tangents(m.dc1, dc1_t, f.xhat1, it.xhat1_t, p.norm_inh)
+    dr1_t = _norm_vjp_tangent(m.dc1, dc1_t, f.xhat1, it.xhat1_t, f.invstd1, it.invstd1_rel_t, m.dr1, p.norm_inh)
+    return VjpInhibitTangent(dx, dh_t, dr1_t, dalpha, dmu, dnorm_inh)
+
+
+def tangent_vjp_gate_inh(dhg_t: Tensor, dh_t: Tensor, w: Tensor, g1_t: Tensor, f: Factors, t: Tracked,
+                         m: ColumnSumMaps, p: HGRUParams) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 5, after the transposed inh conv: the final dh and the gradients of U1 and its bias."""
     dm1 = m.dhg * f.hg1_slope
-    dm1_t = dhg_t * f.hg1_slope + m.dhg * (w * g1_slope + h * (1 - 2 * f.g1) * g1_t)
+    dm1_t = dhg_t * f.hg1_slope + m.dhg * (w * (f.g1 * (1 - f.g1)) + t.h * (1 - 2 * f.g1) * g1_t)
     dh_t = dh_t + dhg_t * f.g1 + m.dhg * g1_t + _mix_t(dm1_t, p.u1_weight)
-    du1 = _pixel_outer(dm1_t, h, p.u1_weight) + _pixel_outer(dm1, w, p.u1_weight)
+    du1 = _pixel_outer(dm1_t, t.h, p.u1_weight) + _pixel_outer(dm1, w, p.u1_weight)
+    return dh_t, du1, dm1_t.sum(dim=(0, 2, 3))
+
+
+def lcp_tangent(
+    w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
+    conv_t: ConvFn = conv_same_transpose, weight_grad: WeightGradFn | None = None, v: Tensor | None = None,
+) -> StepGrads:
+    """D_h[step_vjp(1)] . w, plus step_vjp(v) when ``v`` is given: the gradient in x, h and every parameter of sum_i w_i u_i,
+    u = J^T 1 (module docstring), as explicit passes: the tangent of the forward step along
+    h-direction ``w`` (two convs), then the tangent of the column-sum pass (two transposed convs
+    and the two weight gradients, each one call over the pair of terms).
+    ``m`` is :func:`column_sums`'s maps at the same point (their primal values are reused).
+
+    Five elementwise passes around the four convs, as the step's (a fused backend implements
+    them one to one): :func:`tangent_gate_inh`, :func:`tangent_inhibit`,
+    :func:`tangent_excite_mix`, :func:`tangent_vjp_inhibit`, :func:`tangent_vjp_gate_inh`.
+
+    Every map of step_vjp(v) enters the tangent pass's maps linearly and with the same
+    coefficients, so step_vjp(v) is added by seeding dz with v sigma(z): the tracked step's
+    backward and the penalty's gradient in one pass, sharing its convs and weight gradients."""
+    weight_grad = weight_grad or conv_same_weight_grad
+    k = p.w_inh.shape[-1]
+    g1_t, hg_t = tangent_gate_inh(w, f, t, p)
+    it = tangent_inhibit(conv(hg_t, p.w_inh), w, f, t, p)
+    et = tangent_excite_mix(conv(it.h1_t, p.w_exc), w, it, f, t, m, p, v)
+    dh1_t = et.dh1_t + conv_t(et.dr2_t, p.w_exc)
+    dw_exc = weight_grad((it.h1_t, t.h1), (m.dr2, et.dr2_t), k)
+    vt = tangent_vjp_inhibit(dh1_t, et.dh_t, w, it, f, t, m, p)
+    dhg_t = conv_t(vt.dr1_t, p.w_inh)
+    dw_inh = weight_grad((hg_t, t.hg), (m.dr1, vt.dr1_t), k)
+    dh_t, du1, du1_bias = tangent_vjp_gate_inh(dhg_t, vt.dh_t, w, g1_t, f, t, m, p)
     return StepGrads(
-        x=dx, h=dh_t, u1_weight=du1, u1_bias=dm1_t.sum(dim=(0, 2, 3)), u2_weight=du2,
-        u2_bias=dm2_t.sum(dim=(0, 2, 3)), w_inh=dw_inh, w_exc=dw_exc, alpha=dalpha, mu=dmu, kappa=dkappa,
-        gamma=dgamma, omega=domega, norm_inh=dnorm_inh, norm_exc=dnorm_exc,
+        x=vt.dx, h=dh_t, u1_weight=du1, u1_bias=du1_bias, u2_weight=et.u2_weight,
+        u2_bias=et.dm2_t.sum(dim=(0, 2, 3)), w_inh=dw_inh, w_exc=dw_exc, alpha=vt.alpha, mu=vt.mu, kappa=et.kappa,
+        gamma=et.gamma, omega=et.omega, norm_inh=vt.norm_inh, norm_exc=et.norm_exc,
     )
 
 
