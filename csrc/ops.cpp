@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <string>
 #include <limits>
 #include <utility>
 
@@ -207,6 +208,27 @@ Tensor check_out(const OptTensor& out, const char* name, const Tensor& ref, cons
   }
   mark_written(*out);
   return *out;
+}
+
+// The out buffer of a spectral kernel: ``sizes`` in the dtype and on the device of ``a``,
+// contiguous, overlapping neither input; marked written. Undefined when not given.
+Tensor check_spectral_out(const OptTensor& out, at::IntArrayRef sizes, const Tensor& a, const char* a_name,
+                          const Tensor& b, const char* b_name) {
+  if (!out.has_value()) return Tensor();
+  const Tensor& o = *out;
+  TORCH_CHECK(o.device() == a.device() && o.scalar_type() == a.scalar_type(), "out: expected the device and dtype "
+              "of ", a_name, " (", a.device(), " ", a.scalar_type(), "), got ", o.device(), " ", o.scalar_type());
+  if (o.sizes() != sizes) {
+    std::string want = "(";
+    for (std::size_t i = 0; i < sizes.size(); ++i) want += (i ? ", " : "") + std::to_string(sizes[i]);
+    TORCH_CHECK(false, "out: expected shape ", want, "), got ", o.sizes());
+  }
+  TORCH_CHECK(o.is_contiguous(), "out: expected a contiguous tensor, got strides ", o.strides());
+  TORCH_CHECK(at::get_overlap_status(o, a) == at::MemOverlapStatus::No &&
+                  at::get_overlap_status(o, b) == at::MemOverlapStatus::No,
+              "out: must not overlap ", a_name, " or ", b_name);
+  mark_written(o);
+  return o;
 }
 
 }  // namespace
@@ -439,21 +461,8 @@ Tensor spectral_mix(const Tensor& z, const Tensor& spec, bool transpose, const O
               transpose ? "output channels O, transpose=True" : "input channels C, transpose=False", "), got ",
               z.size(1));
   TORCH_CHECK(spec.is_contiguous(), "spec: expected a contiguous tensor, got strides ", spec.strides());
-  Tensor buffer;
-  if (out.has_value()) {
-    const std::int64_t out_ch = transpose ? spec.size(2) : spec.size(1);
-    const Tensor& o = *out;
-    TORCH_CHECK(o.device() == z.device() && o.scalar_type() == z.scalar_type(), "out: expected the device and dtype "
-                "of z, got ", o.device(), " ", o.scalar_type());
-    TORCH_CHECK(o.sizes() == at::IntArrayRef({z.size(0), out_ch, z.size(2), 2}), "out: expected shape (",
-                z.size(0), ", ", out_ch, ", ", z.size(2), ", 2), got ", o.sizes());
-    TORCH_CHECK(o.is_contiguous(), "out: expected a contiguous tensor, got strides ", o.strides());
-    TORCH_CHECK(at::get_overlap_status(o, z) == at::MemOverlapStatus::No &&
-                    at::get_overlap_status(o, spec) == at::MemOverlapStatus::No,
-                "out: must not overlap z or spec");
-    buffer = o;
-    mark_written(buffer);
-  }
+  const std::int64_t out_ch = transpose ? spec.size(2) : spec.size(1);
+  const Tensor buffer = check_spectral_out(out, {z.size(0), out_ch, z.size(2), 2}, z, "z", spec, "spec");
   return CRBP_ON_DEVICE(z, spectral_mix(z, spec, transpose, buffer));
 }
 
@@ -478,20 +487,7 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const
               p.sizes(), ", got ", q.sizes());
   TORCH_CHECK(rows > 0 && p.size(2) % rows == 0, "rows: expected a positive divisor of P = ", p.size(2),
               " (the FFT height M of P = M (N/2 + 1) frequencies), got ", rows);
-  Tensor buffer;
-  if (out.has_value()) {
-    const Tensor& o = *out;
-    TORCH_CHECK(o.device() == p.device() && o.scalar_type() == p.scalar_type(), "out: expected the device and dtype "
-                "of p (", p.device(), " ", p.scalar_type(), "), got ", o.device(), " ", o.scalar_type());
-    TORCH_CHECK(o.sizes() == at::IntArrayRef({p.size(2), 2 * q.size(1), p.size(1)}), "out: expected shape (",
-                p.size(2), ", ", 2 * q.size(1), ", ", p.size(1), ") (P, 2C, O), got ", o.sizes());
-    TORCH_CHECK(o.is_contiguous(), "out: expected a contiguous tensor, got strides ", o.strides());
-    TORCH_CHECK(at::get_overlap_status(o, p) == at::MemOverlapStatus::No &&
-                    at::get_overlap_status(o, q) == at::MemOverlapStatus::No,
-                "out: must not overlap p or q");
-    buffer = o;
-    mark_written(buffer);
-  }
+  const Tensor buffer = check_spectral_out(out, {p.size(2), 2 * q.size(1), p.size(1)}, p, "p", q, "q");
   return CRBP_ON_DEVICE(p, spectral_outer(p, q, rows, buffer));
 }
 

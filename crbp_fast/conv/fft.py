@@ -82,6 +82,7 @@ code runs on CUDA (cuFFT through ``torch.fft``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -571,8 +572,17 @@ class CacheInfo(NamedTuple):
 _local = threading.local()
 
 
+def _stack(name: str) -> list:
+    """This thread's stack of open scopes (``"scopes"``) or transform memos (``"memos"``)."""
+    stack = getattr(_local, name, None)
+    if stack is None:
+        stack = []
+        setattr(_local, name, stack)
+    return stack
+
+
 def _active_scope() -> "SpectraScope | None":
-    stack = getattr(_local, "scopes", None)
+    stack = _stack("scopes")
     return stack[-1] if stack else None
 
 
@@ -600,14 +610,11 @@ class SpectraScope:
     def __enter__(self) -> "SpectraScope":
         if self.closed:
             raise RuntimeError("SpectraScope: this scope was closed; open a new one")
-        stack = getattr(_local, "scopes", None)
-        if stack is None:
-            stack = _local.scopes = []
-        stack.append(self)
+        _stack("scopes").append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        _local.scopes.remove(self)
+        _stack("scopes").remove(self)
 
     def close(self) -> None:
         """Drop every pinned spectrum (the scope cannot be entered again)."""
@@ -619,7 +626,7 @@ class SpectraScope:
 
 
 def _active_memo() -> "_TransformMemo | None":
-    stack = getattr(_local, "memos", None)
+    stack = _stack("memos")
     return stack[-1] if stack else None
 
 
@@ -642,14 +649,11 @@ class _TransformMemo:
         self.hits = 0
 
     def __enter__(self) -> "_TransformMemo":
-        stack = getattr(_local, "memos", None)
-        if stack is None:
-            stack = _local.memos = []
-        stack.append(self)
+        _stack("memos").append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        _local.memos.remove(self)
+        _stack("memos").remove(self)
 
     def close(self) -> None:
         self._entries.clear()
@@ -701,7 +705,6 @@ class _TransformMemo:
             z = torch.fft.rfft2(tc, s=shape)
             self.put(t, shape, tc.dtype, z)
         return z
-
 
 
 class _Entry:
@@ -787,10 +790,10 @@ class FFTConv:
         else:
             _check_tensor("x", x)
             _check_tensor("dy", dy)
+        first = pairs[0][0]
         for i, (xi, gi) in enumerate(zip(*pairs)):
             _check_tensor("x" if len(pairs[0]) == 1 else f"x[{i}]", xi)
             _check_tensor("dy" if len(pairs[0]) == 1 else f"dy[{i}]", gi)
-            first = pairs[0][0]
             if xi.shape[1:] != first.shape[1:] or xi.device != first.device:
                 raise ValueError(f"x[{i}]: expected the channels, image size and device of x[0] "
                                  f"{tuple(first.shape)} on {first.device}, got {tuple(xi.shape)} on {xi.device}")
@@ -800,11 +803,7 @@ class FFTConv:
                 raise ValueError(f"{name}: expected the batch, image size and device of x {tuple(xi.shape)} "
                                  f"and the channels of dy[0], got {tuple(gi.shape)} on {gi.device}")
         dtypes = [t.dtype for t in pairs[0] + pairs[1]]
-        dtype = compute_dtype(*dtypes)
-        out_dtype = dtypes[0]
-        for d in dtypes[1:]:
-            out_dtype = torch.promote_types(out_dtype, d)
-        first = pairs[0][0]
+        dtype, out_dtype = compute_dtype(*dtypes), functools.reduce(torch.promote_types, dtypes)
         shape = fft_shape(first.shape[2], first.shape[3], kernel_size)
         xs = tuple(t.to(dtype).contiguous() for t in pairs[0])
         gs = tuple(t.to(dtype).contiguous() for t in pairs[1])
@@ -813,13 +812,10 @@ class FFTConv:
             # Outside autograd the fused outer product: the batched matmul runs one tiny
             # (2C x 2B) x (2B x O) product per frequency (65 against ~15 ms at B2-C25-160x81).
             memo = _active_memo()
+            transform = memo.transform if memo is not None else (lambda _, tc, s: torch.fft.rfft2(tc, s=s))
             with torch.no_grad():
-                if memo is not None:
-                    zx = [memo.transform(t, tc, shape) for t, tc in zip(pairs[0], xs)]
-                    zg = [memo.transform(t, tc, shape) for t, tc in zip(pairs[1], gs)]
-                else:
-                    zx = [torch.fft.rfft2(tc, s=shape) for tc in xs]
-                    zg = [torch.fft.rfft2(tc, s=shape) for tc in gs]
+                zx = [transform(t, tc, shape) for t, tc in zip(pairs[0], xs)]
+                zg = [transform(t, tc, shape) for t, tc in zip(pairs[1], gs)]
                 grad = _fused_spectrum_gradient(_cat(zx), _cat(zg), shape, kernel)
         else:
             xc, gc = (xs[0], gs[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(gs))
@@ -930,17 +926,17 @@ class FFTConv:
         spec, base = self._lookup(weight, shape, dtype, track)
         with torch.autocast(device_type, enabled=False):
             xc = x.to(dtype).contiguous()
-        # Under a tracer the plain-torch mix: the extension's kernel would be recorded as a constant.
-        kernel = None if _traced(xc) else _mix_kernel(x.device, dtype)
-        layout = self._layout(base, shape) if kernel is not None else None
-        with torch.autocast(device_type, enabled=False):
+            # Under a tracer plain torch ops only: the extension's mix kernel or a kept transform
+            # would be recorded as a constant.
+            traced = _traced(xc)
+            kernel = None if traced else _mix_kernel(x.device, dtype)
+            layout = self._layout(base, shape) if kernel is not None else None
             if (torch.is_grad_enabled() and (track or xc.requires_grad)) or _has_tangent(xc):
                 out = _Correlate.apply(xc, spec, shape, transpose, layout, kernel)
             else:
-                memo = _active_memo()
+                memo = None if traced else _active_memo()
                 with torch.no_grad():
-                    # Not for a tensor a tracer records: a kept transform would become a constant.
-                    z = memo.transform(x, xc, shape) if memo is not None and not _traced(xc) else None
+                    z = memo.transform(x, xc, shape) if memo is not None else None
                     out = _Correlate.forward(_NoCtx(), xc, spec, shape, transpose, layout, kernel, z)
         return out.to(out_dtype)
 
