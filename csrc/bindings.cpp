@@ -58,4 +58,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spectral_outer", &spectral_outer, py::arg("p"), py::arg("q"), py::arg("rows"),
         py::arg("out") = py::none(),
         "The FFT conv's spectrum gradient: sum_b p[b, o] conj(q[b, c]) per frequency, as S (P, 2C, O)");
+  m.def("plane_pass", &plane_pass, py::arg("name"), py::arg("maps"), py::arg("scalars") = py::none(),
+        py::arg("skip") = 0,
+        "One of the tracked step's plane passes (csrc/cpu/plane_passes.h): [outputs..., (B, C, n_sums) sums]");
 }

@@ -84,6 +84,11 @@ CRBP_DECLARE_DEVICE_PASSES
 // the CPU and the environment variable CRBP_FAST_CPU_ISA, and changeable for tests.
 const char* isa();
 void set_isa(const char* name);
+// The tracked step's plane passes (cpu/plane_passes.h, CPU only): their outputs (undefined where
+// the skip mask drops one), then, for a pass with sums, the (B, C, n_sums) float64 sums per plane.
+// `in` undefined where None; `scalars` (B, C, n_scalars) in the opmath dtype, or undefined.
+std::vector<at::Tensor> plane_pass(int pass, const std::vector<at::Tensor>& in, const at::Tensor& scalars,
+                                   std::int64_t skip);
 }  // namespace cpu
 
 #ifdef CRBP_WITH_CUDA

@@ -21,6 +21,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/plane_passes.h"
 #include "hgru.h"
 
 namespace crbp {
@@ -489,6 +490,53 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const
               " (the FFT height M of P = M (N/2 + 1) frequencies), got ", rows);
   const Tensor buffer = check_spectral_out(out, {p.size(2), 2 * q.size(1), p.size(1)}, p, "p", q, "q");
   return CRBP_ON_DEVICE(p, spectral_outer(p, q, rows, buffer));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tracked step's plane passes
+
+std::vector<OptTensor> plane_pass(const std::string& name, const std::vector<OptTensor>& in,
+                                  const OptTensor& scalars, std::int64_t skip) {
+  int pass = -1;
+  std::string names;
+  for (int i = 0; i < cpu::kPlanePasses; ++i) {
+    if (name == cpu::kPlanePassSpecs[i].name) pass = i;
+    names += std::string(i ? ", " : "") + cpu::kPlanePassSpecs[i].name;
+  }
+  TORCH_CHECK(pass >= 0, "plane_pass: expected one of ", names, ", got '", name, "'");
+  const cpu::PlanePassSpec& spec = cpu::kPlanePassSpecs[pass];
+  TORCH_CHECK(static_cast<int>(in.size()) == spec.n_in, name, ": expected ", spec.n_in, " input maps, got ",
+              in.size());
+  TORCH_CHECK(in[0].has_value(), name, ": ", spec.in[0], ": expected a tensor, got None");
+  const Tensor& ref = *in[0];
+  check_map(ref, spec.in[0]);
+  TORCH_CHECK(ref.is_cpu(), name, ": the plane passes run on CPU only (elsewhere the reference passes run), got ",
+              spec.in[0], " on ", ref.device());
+  std::vector<Tensor> maps(in.size());
+  for (int i = 0; i < spec.n_in; ++i) {
+    if (!in[i].has_value()) {
+      TORCH_CHECK((spec.nullable >> i) & 1, name, ": ", spec.in[i], ": expected a tensor, got None");
+      continue;
+    }
+    check_like(*in[i], spec.in[i], ref, spec.in[0]);
+    maps[i] = *in[i];
+  }
+  Tensor scal;
+  if (spec.n_scalars == 0) {
+    TORCH_CHECK(!scalars.has_value(), name, ": scalars: expected None (the pass has no per-plane scalars), got a "
+                "tensor of shape ", scalars->sizes());
+  } else {
+    TORCH_CHECK(scalars.has_value(), name, ": scalars: expected a (B, C, ", spec.n_scalars, ") tensor, got None");
+    check_param(*scalars, "scalars", {ref.size(0), ref.size(1), spec.n_scalars}, ref);
+    scal = *scalars;
+  }
+  const std::int64_t all = (std::int64_t(1) << spec.n_out) - 1;
+  TORCH_CHECK(skip >= 0 && (skip & ~static_cast<std::int64_t>(spec.skippable) & all) == 0 && skip <= all, name,
+              ": skip: expected a mask of the skippable outputs (", static_cast<std::int64_t>(spec.skippable),
+              "), got ", skip);
+  std::vector<OptTensor> out;
+  for (const Tensor& t : cpu::plane_pass(pass, maps, scal, skip)) out.push_back(optional(t));
+  return out;
 }
 
 }  // namespace ops

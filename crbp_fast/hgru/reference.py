@@ -88,6 +88,7 @@ cross-check; slower).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence, Union
 
@@ -140,14 +141,30 @@ def conv_same_transpose(y: Tensor, w: Tensor) -> Tensor:
     return F.conv2d(y, w.flip(-1, -2).transpose(0, 1), padding=w.shape[-1] // 2)
 
 
+# The 1x1 maps as batched matrix products on (B, C, H W) views of the maps, the weight
+# broadcast over the batch: einsum (and matmul of a matrix by a batch) permuted and copied the
+# maps (a third of the native tangent passes' time at B2-C25-150x150).
+def _batched_mix(x: Tensor, m: Tensor) -> Tensor:
+    """sum_c m[o, c] x[b, c] for a (O, C) matrix m."""
+    b, c, hgt, wid = x.shape
+    return torch.bmm(m.unsqueeze(0).expand(b, -1, -1), x.reshape(b, c, hgt * wid)).reshape(b, m.shape[0], hgt, wid)
+
+
 def _mix(x: Tensor, w: Tensor) -> Tensor:
     """1x1 channel mix without bias: sum_c w[o, c] x[b, c]."""
-    return torch.einsum("oc,bchw->bohw", w.reshape(w.shape[0], w.shape[1]), x)
+    return _batched_mix(x, w.reshape(w.shape[0], w.shape[1]))
 
 
 def _mix_t(x: Tensor, w: Tensor) -> Tensor:
     """Transpose of :func:`_mix`."""
-    return torch.einsum("oc,bohw->bchw", w.reshape(w.shape[0], w.shape[1]), x)
+    return _batched_mix(x, w.reshape(w.shape[0], w.shape[1]).t())
+
+
+def _pixel_outer(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
+    """sum over (B, H, W) of a[b, o] b[b, c], as the (O, C, 1, 1) 1x1 weight ``like``."""
+    n, o, hgt, wid = a.shape
+    per_sample = torch.bmm(a.reshape(n, o, hgt * wid), b.reshape(n, b.shape[1], hgt * wid).transpose(1, 2))
+    return per_sample.sum(0).reshape(like.shape)
 
 
 def _bc(p: Tensor) -> Tensor:
@@ -444,7 +461,7 @@ def step_vjp(
     domega = _channel_sum(de * t.h1 * t.c2, p.omega)
     dc2 = de * f.dc2_coef
     dh1 = de * f.dh1_coef + _mix_t(dm2, p.u2_weight)
-    du2 = torch.einsum("bohw,bchw->oc", dm2, t.h1).reshape(p.u2_weight.shape)
+    du2 = _pixel_outer(dm2, t.h1, p.u2_weight)
     dnorm_exc = _norm_param_grads(dc2, f.xhat2, p.norm_exc)
     dr2 = norm_vjp(dc2, f.xhat2, f.invstd2, p.norm_exc)
     dh1 = dh1 + conv_t(dr2, p.w_exc)  # before the weight gradient: an FFT engine reuses dr2's transform
@@ -461,7 +478,7 @@ def step_vjp(
     dw_inh = weight_grad(t.hg, dr1, k)
     dm1 = dhg * f.hg1_slope
     dh = dh + dhg * f.g1 + _mix_t(dm1, p.u1_weight)
-    du1 = torch.einsum("bohw,bchw->oc", dm1, t.h).reshape(p.u1_weight.shape)
+    du1 = _pixel_outer(dm1, t.h, p.u1_weight)
     return StepGrads(
         x=dx, h=dh, u1_weight=du1, u1_bias=dm1.sum(dim=(0, 2, 3)), u2_weight=du2, u2_bias=dm2.sum(dim=(0, 2, 3)),
         w_inh=dw_inh, w_exc=dw_exc, alpha=dalpha, mu=dmu, kappa=dkappa, gamma=dgamma, omega=domega,
@@ -533,11 +550,6 @@ def _norm_param_tangents(dc: Tensor, dc_t: Tensor, xhat: Tensor | None, xhat_t: 
     if spec.kind == "none":
         return None
     return _channel_sum(dc_t * xhat + dc * xhat_t, spec.weight), _channel_sum(dc_t, spec.bias)
-
-
-def _pixel_outer(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
-    """sum over (B, H, W) of a[b, o] b[b, c], as the (O, C, 1, 1) 1x1 weight ``like``."""
-    return torch.einsum("bohw,bchw->oc", a, b).reshape(like.shape)
 
 
 class InhibitTangent(NamedTuple):
@@ -629,10 +641,12 @@ def tangent_excite_mix(c2_raw_t: Tensor, w: Tensor, it: InhibitTangent, f: Facto
 
 
 def tangent_vjp_inhibit(dh1_t: Tensor, dh_t: Tensor, w: Tensor, it: InhibitTangent, f: Factors, t: Tracked,
-                        m: ColumnSumMaps, p: HGRUParams) -> VjpInhibitTangent:
-    """Pass 4, after the transposed exc conv (its term added to ``dh1_t``): dx, the tangents of
-    dq, dc1 down to the transposed inh conv's input dr1_t, with the gradients of alpha, mu and
-    the inh normalisation."""
+                        m: ColumnSumMaps, p: HGRUParams, dh1_t_extra: Tensor | None = None) -> VjpInhibitTangent:
+    """Pass 4, after the transposed exc conv (its term ``dh1_t_extra``, added to ``dh1_t``): dx,
+    the tangents of dq, dc1 down to the transposed inh conv's input dr1_t, with the gradients of
+    alpha, mu and the inh normalisation."""
+    if dh1_t_extra is not None:
+        dh1_t = dh1_t + dh1_t_extra
     s_r_t = t.s_r * (1 - t.s_r) * it.r_t
     s_q_t = t.s_q * (1 - t.s_q) * it.q_t
     dx = dh1_t * t.s_r + m.dh1 * s_r_t
@@ -659,6 +673,7 @@ def tangent_vjp_gate_inh(dhg_t: Tensor, dh_t: Tensor, w: Tensor, g1_t: Tensor, f
 def lcp_tangent(
     w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
     conv_t: ConvFn = conv_same_transpose, weight_grad: WeightGradFn | None = None, v: Tensor | None = None,
+    passes=None,
 ) -> StepGrads:
     """D_h[step_vjp(1)] . w, plus step_vjp(v) when ``v`` is given: the gradient in x, h and every parameter of sum_i w_i u_i,
     u = J^T 1 (module docstring), as explicit passes: the tangent of the forward step along
@@ -672,18 +687,22 @@ def lcp_tangent(
 
     Every map of step_vjp(v) enters the tangent pass's maps linearly and with the same
     coefficients, so step_vjp(v) is added by seeding dz with v sigma(z): the tracked step's
-    backward and the penalty's gradient in one pass, sharing its convs and weight gradients."""
+    backward and the penalty's gradient in one pass, sharing its convs and weight gradients.
+
+    ``passes``: the module (or any object) whose five functions of those names run the passes,
+    this one by default (:mod:`crbp_fast.hgru.native.tracked` has fused ones)."""
+    ps = passes or sys.modules[__name__]
     weight_grad = weight_grad or conv_same_weight_grad
     k = p.w_inh.shape[-1]
-    g1_t, hg_t = tangent_gate_inh(w, f, t, p)
-    it = tangent_inhibit(conv(hg_t, p.w_inh), w, f, t, p)
-    et = tangent_excite_mix(conv(it.h1_t, p.w_exc), w, it, f, t, m, p, v)
-    dh1_t = et.dh1_t + conv_t(et.dr2_t, p.w_exc)
+    g1_t, hg_t = ps.tangent_gate_inh(w, f, t, p)
+    it = ps.tangent_inhibit(conv(hg_t, p.w_inh), w, f, t, p)
+    et = ps.tangent_excite_mix(conv(it.h1_t, p.w_exc), w, it, f, t, m, p, v)
+    dh1_t_extra = conv_t(et.dr2_t, p.w_exc)
     dw_exc = weight_grad((it.h1_t, t.h1), (m.dr2, et.dr2_t), k)
-    vt = tangent_vjp_inhibit(dh1_t, et.dh_t, w, it, f, t, m, p)
+    vt = ps.tangent_vjp_inhibit(et.dh1_t, et.dh_t, w, it, f, t, m, p, dh1_t_extra)
     dhg_t = conv_t(vt.dr1_t, p.w_inh)
     dw_inh = weight_grad((hg_t, t.hg), (m.dr1, vt.dr1_t), k)
-    dh_t, du1, du1_bias = tangent_vjp_gate_inh(dhg_t, vt.dh_t, w, g1_t, f, t, m, p)
+    dh_t, du1, du1_bias = ps.tangent_vjp_gate_inh(dhg_t, vt.dh_t, w, g1_t, f, t, m, p)
     return StepGrads(
         x=vt.dx, h=dh_t, u1_weight=du1, u1_bias=du1_bias, u2_weight=et.u2_weight,
         u2_bias=et.dm2_t.sum(dim=(0, 2, 3)), w_inh=dw_inh, w_exc=dw_exc, alpha=vt.alpha, mu=vt.mu, kappa=et.kappa,

@@ -10,6 +10,9 @@ penalty's), so the step's backward and the penalty's second-order gradient share
 transposed convs and two weight gradients. Autograd's route differentiates the recorded
 graph of the step and then of its create_graph VJP (a double backward: more convs, more maps).
 
+The passes come from a module of those names: the reference's, or for ``backend="native"`` on
+CPU :mod:`crbp_fast.hgru.native.tracked` (its fused plane passes, same results).
+
 On CPU with the FFT engine the node saves the transforms of its forward convs' inputs for its
 backward (four spectra, 21 MB at B2-C25-150x150, through ``save_for_backward`` like every map),
 and its backward reuses them and its own convs' (a transform memo,
@@ -52,6 +55,9 @@ class _Config:
     params: HGRUParams
     engine: ConvEngineLike
     target: float | None
+    #: linearize_tracked, column_sums, lcp_weights, step_vjp, lcp_tangent: the reference's, or a
+    #: fused backend's of the same names and results (:mod:`crbp_fast.hgru.native.tracked`).
+    passes: object = reference
 
 
 def _memo(engine: ConvEngineLike, x: Tensor):
@@ -83,7 +89,7 @@ class _TrackedStep(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, cfg: _Config, x: Tensor, h: Tensor, tensors: tuple[Tensor, ...]):
         p = cfg.params  # the tensors themselves (the FFT engine keys its spectra on them)
-        f, t = reference.linearize_tracked(x, h, p, cfg.engine.conv)
+        f, t = cfg.passes.linearize_tracked(x, h, p, cfg.engine.conv)
         ctx.cfg, ctx.inputs = cfg, 2 + len(tensors)
         # An output the loss does not use gets None, not zeros: a state-only backward must not
         # run the penalty's tangent pass on a zero weight (nor the reverse).
@@ -91,8 +97,8 @@ class _TrackedStep(torch.autograd.Function):
         if cfg.target is None:
             maps, w, out = (), (), f.state
         else:
-            u, column_maps = reference.column_sums(f, p, cfg.engine.conv_transpose)
-            penalty, weights = reference.lcp_weights(u, cfg.target)
+            u, column_maps = cfg.passes.column_sums(f, p, cfg.engine.conv_transpose)
+            penalty, weights = cfg.passes.lcp_weights(u, cfg.target)
             maps, w, out = tuple(column_maps), (weights,), (f.state, penalty)
         return out, (x, h, *tensors, *f, *t, *maps, *w)
 
@@ -125,11 +131,11 @@ class _TrackedStep(torch.autograd.Function):
         if g_penalty is None:
             if g_state is None:
                 return (None,) * (1 + n)
-            out = reference.step_vjp(g_state, f, t, p, engine.conv_transpose, engine.weight_grad)
+            out = cfg.passes.step_vjp(g_state, f, t, p, engine.conv_transpose, engine.weight_grad)
         else:
             maps, w = reference.ColumnSumMaps(*rest[:-1]), rest[-1]
-            out = reference.lcp_tangent(w * g_penalty, f, t, maps, p, engine.conv, engine.conv_transpose,
-                                        engine.weight_grad, v=g_state)
+            out = cfg.passes.lcp_tangent(w * g_penalty, f, t, maps, p, engine.conv, engine.conv_transpose,
+                                         engine.weight_grad, v=g_state)
         return (None, *(g.to(s.dtype) for g, s in zip(reference.flat_grads(out), saved[:n])))
 
 
@@ -141,10 +147,11 @@ def supported(x: Tensor, h: Tensor, p: HGRUParams) -> bool:
 
 
 def tracked_step(x: Tensor, h: Tensor, p: HGRUParams, engine: ConvEngineLike,
-                 target: float | None) -> Tensor | tuple[Tensor, Tensor]:
+                 target: float | None, passes=None) -> Tensor | tuple[Tensor, Tensor]:
     """F(x, h), and with ``target`` also the LCP penalty at h, as one differentiable node
-    (module docstring). ``x``, ``h`` contiguous (B, C, H, W) of one floating dtype."""
-    return _TrackedStep.apply(_Config(p, engine, target), x, h, *_tensors(p))
+    (module docstring). ``x``, ``h`` contiguous (B, C, H, W) of one floating dtype; ``passes``
+    the module of the explicit passes (the reference's by default)."""
+    return _TrackedStep.apply(_Config(p, engine, target, passes or reference), x, h, *_tensors(p))
 
 
 __all__ = ["tracked_step", "supported"]

@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -584,6 +585,54 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const
     });
   });
   return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tracked step's plane passes
+
+std::vector<Tensor> plane_pass(int pass, const std::vector<Tensor>& in, const Tensor& scalars, int64_t skip) {
+  const PlanePassSpec& spec = kPlanePassSpecs[pass];
+  const Tensor& ref = in[0];
+  const Shape s = shape_of(ref);
+  std::vector<Tensor> out(static_cast<size_t>(spec.n_out));
+  for (int o = 0; o < spec.n_out; ++o)
+    if (!((skip >> o) & 1)) out[o] = alloc_output(ref);
+  const int64_t per_plane = (s.hw + kPlaneChunk - 1) / kPlaneChunk;
+  std::vector<double> unit_sums(static_cast<size_t>(s.planes() * per_plane * spec.n_sums));
+  AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "plane_pass", [&] {
+    using T = scalar_t;
+    const auto fn = kernels<T>().plane[pass];
+    // A None input reads as zeros, so that each kernel is one formula (the term it carries vanishes).
+    const std::vector<T> zeros(static_cast<size_t>(std::min(kPlaneChunk, s.hw)), T(0));
+    const T* base_in[kPlaneMaxIn] = {};
+    T* base_out[kPlaneMaxOut] = {};
+    for (int i = 0; i < spec.n_in; ++i) base_in[i] = in[i].defined() ? in[i].const_data_ptr<T>() : nullptr;
+    for (int o = 0; o < spec.n_out; ++o) base_out[o] = out[o].defined() ? out[o].mutable_data_ptr<T>() : nullptr;
+    const T* scal = scalars.defined() ? scalars.const_data_ptr<T>() : nullptr;
+    at::parallel_for(0, s.planes() * per_plane, 1, [&](int64_t begin, int64_t end) {
+      // A skipped output is written to this worker's scratch row and dropped.
+      std::vector<T> dropped(skip != 0 ? zeros.size() : 0);
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t plane = u / per_plane, start = (u % per_plane) * kPlaneChunk;
+        const int64_t off = plane * s.hw + start;
+        PlaneArgs<T> a{};
+        for (int i = 0; i < spec.n_in; ++i) a.in[i] = base_in[i] != nullptr ? base_in[i] + off : zeros.data();
+        for (int o = 0; o < spec.n_out; ++o) a.out[o] = base_out[o] != nullptr ? base_out[o] + off : dropped.data();
+        a.s = scal != nullptr ? scal + plane * spec.n_scalars : nullptr;
+        a.sums = unit_sums.data() + u * spec.n_sums;
+        a.n = std::min(kPlaneChunk, s.hw - start);
+        fn(a);
+      }
+    });
+  });
+  if (spec.n_sums == 0) return out;
+  Tensor sums = at::zeros({s.batch, s.channels, spec.n_sums}, ref.options().dtype(at::kDouble));
+  double* dst = sums.mutable_data_ptr<double>();
+  for (int64_t plane = 0; plane < s.planes(); ++plane)
+    for (int64_t j = 0; j < per_plane; ++j)
+      for (int k = 0; k < spec.n_sums; ++k) dst[plane * spec.n_sums + k] += unit_sums[(plane * per_plane + j) * spec.n_sums + k];
+  out.push_back(sums);
+  return out;
 }
 
 }  // namespace crbp::cpu

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "plane_passes.h"
+
 namespace crbp::cpu {
 
 // Pixels per tile: 2 KiB of each channel row (512 floats, 256 doubles). A tile pass streams
@@ -177,6 +179,8 @@ struct KernelTable {
   void (*spectral_mix)(const SpectralMixArgs<T>& a, T* scratch);
   // scratch: 2 * kMixLanes * min(B, kMixBatch) * (O + C) elements.
   void (*spectral_outer)(const SpectralOuterArgs<T>& a, T* scratch);
+  // The tracked step's plane passes (plane_passes.h), indexed by PlanePass.
+  void (*plane[kPlanePasses])(const PlaneArgs<T>& a);
 };
 
 namespace base {

@@ -615,11 +615,15 @@ void spectral_outer(const SpectralOuterArgs<T>& a, T* scratch) {
   }
 }
 
+#include "plane_impl.h"
+
 template <typename T>
 constexpr KernelTable<T> kTable{
     CRBP_STR(CRBP_ISA), &moments<T>,       &dot_sums<T>,    &normalize<T>,      &norm_vjp_apply<T>,
     &gate_inh<T>,       &inhibit<T>,       &excite_mix<T>,  &vjp_excite_mix<T>, &vjp_inhibit<T>,
     &vjp_gate_inh<T>,   &spectral_mix<T>,  &spectral_outer<T>,
+    {&plane_dot<T>, &tangent_gate_inh<T>, &tangent_inhibit<T>, &tangent_excite_mix<T>, &norm_vjp_tangent<T>,
+     &tangent_vjp_inhibit<T>, &tangent_vjp_gate_inh<T>, &tracked_inhibit<T>, &tracked_excite_mix<T>},
 };
 
 }  // namespace

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/plane_passes.h"
 #include "ops.h"
 
 namespace {
@@ -257,6 +258,72 @@ void test_validation() {
   expect_error([&] { set_cpu_isa("sse9"); }, "expected 'base', 'avx2' or 'avx512'");
 }
 
+
+// The tracked step's plane passes (csrc/cpu/plane_passes.h): every pass on planes of two work
+// chunks plus a partial one, all outputs finite (NaN-filled first), tangent_gate_inh and
+// plane_dot against ATen, in both dtypes and on every instruction set this CPU runs (the
+// sanitizer build sees each kernel's pointer arithmetic).
+void test_plane_passes() {
+  using namespace crbp::ops;
+  at::manual_seed(0);
+  const std::string before = cpu_isa();
+  const char* isas[] = {"base", "avx2", "avx512"};
+  for (const char* isa : isas) {
+    try {
+      set_cpu_isa(isa);
+    } catch (const c10::Error&) {
+      continue;  // this CPU does not run it
+    }
+    for (const auto dtype : {at::kFloat, at::kDouble}) {
+      const auto o = at::TensorOptions().dtype(dtype);
+      const std::vector<int64_t> shape = {2, 3, 131, 129};  // 16899 per plane: 8192 + 8192 + 515
+      const std::string tag = std::string(isa) + (dtype == at::kFloat ? " float32" : " float64");
+      const Tensor a = at::randn(shape, o), b = at::randn(shape, o);
+      const std::vector<OptTensor> ab = {a, b};
+      const auto dot = plane_pass("plane_dot", ab, std::nullopt, 0);
+      expect_close(dot[0]->select(2, 0), a.sum({2, 3}).to(at::kDouble), 1e-6, tag + " plane_dot sum");
+      expect_close(dot[0]->select(2, 1), (a * b).sum({2, 3}).to(at::kDouble), 1e-6, tag + " plane_dot sum ab");
+      for (int pass = 1; pass < crbp::cpu::kPlanePasses; ++pass) {
+        const auto& spec = crbp::cpu::kPlanePassSpecs[pass];
+        std::vector<OptTensor> in;
+        std::vector<Tensor> kept;
+        for (int i = 0; i < spec.n_in; ++i) {
+          if ((spec.nullable >> i) & 1 && i % 2 == 1) {
+            in.push_back(std::nullopt);  // a None input reads as zeros
+          } else {
+            kept.push_back(at::rand(shape, o));
+            in.push_back(kept.back());
+          }
+        }
+        const OptTensor scalars = spec.n_scalars ? OptTensor(at::rand({2, 3, spec.n_scalars}, o)) : std::nullopt;
+        const auto out = plane_pass(spec.name, in, scalars, spec.skippable);
+        EXPECT(static_cast<int>(out.size()) == spec.n_out + (spec.n_sums ? 1 : 0), "%s: %zu outputs", spec.name,
+               out.size());
+        for (int k = 0; k < spec.n_out; ++k) {
+          const bool skipped = (spec.skippable >> k) & 1;
+          EXPECT(out[k].has_value() != skipped, "%s output %d: skipped %d", spec.name, k, int(skipped));
+          if (out[k].has_value())
+            EXPECT(at::isfinite(*out[k]).all().item<bool>(), "%s (%s) output %s: non-finite", spec.name,
+                   tag.c_str(), spec.out[k]);
+        }
+        if (spec.n_sums)
+          EXPECT(at::isfinite(*out.back()).all().item<bool>(), "%s (%s): non-finite sums", spec.name, tag.c_str());
+        if (pass == crbp::cpu::kTangentGateInh) {  // g1_t = g1 (1 - g1) m1, hg_t = w g1 + h g1_t
+          const Tensor &w = kept[0], &g1 = kept[1], &h = kept[2], &m1 = kept[3];
+          const Tensor g1_t = g1 * (1 - g1) * m1;
+          expect_close(*out[0], g1_t, 1e-6, tag + " tangent_gate_inh g1_t");
+          expect_close(*out[1], w * g1 + h * g1_t, 1e-6, tag + " tangent_gate_inh hg_t");
+        }
+      }
+    }
+  }
+  set_cpu_isa(before);
+  const Tensor h = at::randn({2, 3, 5, 4});
+  const std::vector<OptTensor> two = {h, h};
+  expect_error([&] { plane_pass("tangent_gate_inh", two, std::nullopt, 0); }, "expected 4 input maps, got 2");
+  expect_error([&] { plane_pass("plane_dot", {h, std::nullopt}, std::nullopt, 0); }, "b: expected a tensor, got None");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -264,7 +331,7 @@ int main(int argc, char** argv) {
   const std::map<std::string, void (*)()> groups = {
       {"step_and_vjp", test_step_and_vjp}, {"threads_and_isa", test_threads_and_isa},
       {"channel_counts", test_channel_counts}, {"norm_passes", test_norm_passes},
-      {"validation", test_validation},
+      {"validation", test_validation}, {"plane_passes", test_plane_passes},
   };
   std::vector<std::string> run;
   for (int i = 1; i < argc; ++i) run.push_back(argv[i]);

@@ -11,6 +11,19 @@ from conftest import assert_close
 from crbp_fast import HGRUCell, lcp_penalty
 
 F64 = torch.float64
+
+
+def _native_built() -> bool:
+    try:
+        from crbp_fast.hgru.native import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# The native backend's fused passes, where the extension is built (CRBP_FAST_NO_EXT=1 builds none).
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    not _native_built(), reason="built without the native extension (CRBP_FAST_NO_EXT=1)"))]
 CASES = [("batch", 1, "direct"), ("group", 2, "direct"), ("none", 1, "direct"), ("batch", 1, "fft")]
 
 
@@ -23,10 +36,12 @@ def make(norm, groups, conv, dtype=F64, shape=(3, 4, 11, 13), k=5, backend="auto
     return cell, torch.randn(shape, dtype=dtype), torch.rand(shape, dtype=dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm, groups, conv", CASES, ids=[f"{n}-{c}" for n, _, c in CASES])
 @pytest.mark.parametrize("terms", ["both", "state", "penalty"])
-def test_tracked_step_gradients_match_autograd(norm, groups, conv, terms):
-    cell, x, h = make(norm, groups, conv)
+def test_tracked_step_gradients_match_autograd(norm, groups, conv, terms, backend):
+    """backend="torch": the reference passes; "native": its fused CPU passes (native/tracked.py)."""
+    cell, x, h = make(norm, groups, conv, backend=backend)
     v = torch.randn_like(x)
     target = 0.5  # some column sums above, some below
     sv, sp = (terms != "penalty"), (terms != "state")
@@ -126,16 +141,20 @@ def test_fixed_point_with_the_explicit_tracked_step_matches_the_autograd_route(c
         assert_close(a, b, rtol=1e-10, name=name)
 
 
-def test_tracked_step_backward_runs_only_the_terms_the_loss_uses(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tracked_step_backward_runs_only_the_terms_the_loss_uses(monkeypatch, backend):
     """A loss that uses only the state runs the step's VJP, not the penalty's tangent pass on a
     zero weight (autograd would otherwise hand the unused output a zero gradient)."""
-    from crbp_fast.hgru import reference as ref
+    if backend == "torch":
+        from crbp_fast.hgru import reference as passes
+    else:
+        from crbp_fast.hgru.native import tracked as passes
 
     calls = []
     for name in ("step_vjp", "lcp_tangent"):
-        fn = getattr(ref, name)
-        monkeypatch.setattr(ref, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
-    cell, x, h = make("batch", 1, "direct")
+        fn = getattr(passes, name)
+        monkeypatch.setattr(passes, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    cell, x, h = make("batch", 1, "direct", backend=backend)
     xx = x.clone().requires_grad_()
     out, pen = cell.tracked_step(xx, h, 0.5)
     out.sum().backward(retain_graph=True)

@@ -23,7 +23,8 @@ temporaries (the ``out`` arguments of the extension) rather than allocating: a f
 costs page faults comparable to the pass that fills it.
 
 The convolutions stay outside, in the conv engine (direct or FFT). The kernels are not
-differentiable: they are the untracked steps and the adjoint loop. Dtypes: float32 and float64
+differentiable: they are the untracked steps and the adjoint loop (the tracked step's own fused
+passes, with their explicit backward, are :mod:`crbp_fast.hgru.native.tracked`). Dtypes: float32 and float64
 on CPU (vectorised, AVX2 + FMA where the CPU has it, in parallel over ``torch.get_num_threads()``);
 float32 and bfloat16 storage with float32 arithmetic on CUDA when the extension was built with
 CUDA. Normalisation statistics are reduced in float64 on CPU.
@@ -355,9 +356,8 @@ def _backend_step(p: HGRUParams, x: Tensor, h: Tensor, conv: ConvEngineLike) -> 
     """F(x, h): the fused passes when no gradient is needed, else the reference composition.
 
     A step that autograd must differentiate (grad mode on and x, h or a parameter requiring
-    grad) runs :func:`crbp_fast.hgru.reference.step`: in rbp / crbp that is the one tracked step
-    of N, whose graph also carries the LCP penalty's double backward, which the kernels do not
-    provide. Every untracked step (``torch.no_grad()``, as the fixed-point engine runs N - 1 of
+    grad) runs :func:`crbp_fast.hgru.reference.step` (bptt's steps; rbp / crbp call
+    ``HGRUCell.tracked_step`` instead, whose fused passes are :mod:`crbp_fast.hgru.native.tracked`). Every untracked step (``torch.no_grad()``, as the fixed-point engine runs N - 1 of
     them) runs the fused kernels.
     """
     if _needs_graph(p, x, h) or not _fused(p, x):

@@ -1,0 +1,232 @@
+"""The native tracked-step passes (crbp_fast/hgru/native/tracked.py, csrc/cpu/plane_impl.h)
+against the reference passes they implement: linearize_tracked, each of the LCP tangent's five
+passes, and their composition, per norm, dtype, instruction set and thread count; plus the
+validation of the plane-pass entry point.
+
+Every output the extension allocates is NaN-filled first (CRBP_FAST_DEBUG_NAN_FILL=1), so an
+element a kernel does not write fails ``assert_close``; inputs are fresh random maps (not
+consistent factors: each pass is a formula, checked as one). Shapes are odd, and one has planes
+larger than a work chunk (8192 elements), so per-plane sums are merged across chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CPU_ISAS, assert_close, cpu_isa, cpu_runs
+
+from crbp_fast import HGRUCell
+from crbp_fast.hgru import reference as R
+
+try:
+    from crbp_fast.hgru.native import _C
+    from crbp_fast.hgru.native import tracked as N
+except ImportError as err:
+    import os
+
+    if os.environ.get("CRBP_FAST_NO_EXT") == "1":
+        pytest.skip(f"built without the native extension (CRBP_FAST_NO_EXT=1): {err}", allow_module_level=True)
+    raise
+
+NORMS = [("batch", 1), ("group", 3), ("none", 1)]
+DTYPES = (torch.float32, torch.float64)
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+SMALL = (3, 6, 13, 11)
+LARGE = (2, 3, 97, 91)  # 8827 pixels per plane: two chunks
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_outputs(monkeypatch):
+    monkeypatch.setenv("CRBP_FAST_DEBUG_NAN_FILL", "1")
+
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def problem(norm, groups, dtype, shape=SMALL, k=5, seed=0):
+    torch.manual_seed(seed)
+    cell = HGRUCell(shape[1], k, norm=norm, norm_groups=groups, dtype=dtype)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x, h = torch.randn(shape, dtype=dtype), torch.rand(shape, dtype=dtype)
+    return cell.params(), x, h
+
+
+def close(got, want, rtol, name):
+    """assert_close over tensors, tuples of them and None (which must match None)."""
+    if want is None or got is None:
+        assert got is None and want is None, f"{name}: {got!r} against {want!r}"
+    elif isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want), name
+        for i, (g, w) in enumerate(zip(got, want)):
+            close(g, w, rtol, f"{name}[{i}]")
+    else:
+        assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape, got.dtype)
+        assert_close(got, want, rtol, name=name)
+
+
+def close_fields(got, want, rtol, prefix):
+    for field in type(want)._fields:
+        close(getattr(got, field), getattr(want, field), rtol, f"{prefix}.{field}")
+
+
+def random_like(nt, like, scale=1.0):
+    """A NamedTuple of fresh random maps shaped like ``nt``'s tensors (None stays None; the
+    per-plane statistics stay as they are: an invstd must be positive)."""
+    out = []
+    for v in nt:
+        if isinstance(v, torch.Tensor) and v.shape == like.shape:
+            out.append(scale * torch.randn_like(v))
+        else:
+            out.append(v)
+    return type(nt)(*out)
+
+
+def point(norm, groups, dtype, shape=SMALL):
+    """Consistent factors and maps at a point (so the statistics are real ones), then fresh
+    random tangent inputs."""
+    p, x, h = problem(norm, groups, dtype, shape)
+    with torch.no_grad():
+        f, t = R.linearize_tracked(x, h, p)
+        _, m = R.column_sums(f, p)
+    return p, x, h, f, t, m
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm, groups", NORMS, ids=[n for n, _ in NORMS])
+def test_linearize_tracked_matches_reference(norm, groups, dtype, threads):
+    p, x, h = problem(norm, groups, dtype)
+    with torch.no_grad():
+        f, t = R.linearize_tracked(x, h, p)
+        fn, tn = N.linearize_tracked(x, h, p)
+    close_fields(fn, f, RTOL[dtype], "f")
+    close_fields(tn, t, RTOL[dtype], "t")
+
+
+@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["small", "two-chunks"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm, groups", NORMS, ids=[n for n, _ in NORMS])
+def test_each_tangent_pass_matches_reference(norm, groups, dtype, shape, threads):
+    p, x, h, f, t, m = point(norm, groups, dtype, shape)
+    rtol = RTOL[dtype]
+    # Random maps everywhere the passes read (every term exercised), real statistics.
+    f, t, m = random_like(f, x), random_like(t, x), random_like(m, x)
+    w, v = torch.rand_like(x), torch.randn_like(x)
+    with torch.no_grad():
+        close(N.tangent_gate_inh(w, f, t, p), R.tangent_gate_inh(w, f, t, p), rtol, "tangent_gate_inh")
+        c1_raw_t = torch.randn_like(x)
+        it, it_n = R.tangent_inhibit(c1_raw_t, w, f, t, p), N.tangent_inhibit(c1_raw_t, w, f, t, p)
+        close_fields(it_n, it, rtol, "tangent_inhibit")
+        c2_raw_t = torch.randn_like(x)
+        for seed in (v, None):
+            et = R.tangent_excite_mix(c2_raw_t, w, it, f, t, m, p, seed)
+            close_fields(N.tangent_excite_mix(c2_raw_t, w, it, f, t, m, p, seed), et, rtol, "tangent_excite_mix")
+        dh1_t, dh_t, extra = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
+        for e in (extra, None):
+            vt = R.tangent_vjp_inhibit(dh1_t, dh_t, w, it, f, t, m, p, e)
+            close_fields(N.tangent_vjp_inhibit(dh1_t, dh_t, w, it, f, t, m, p, e), vt, rtol, "tangent_vjp_inhibit")
+        dhg_t, g1_t = torch.randn_like(x), torch.randn_like(x)
+        close(N.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p),
+              R.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p), rtol, "tangent_vjp_gate_inh")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm, groups", NORMS, ids=[n for n, _ in NORMS])
+def test_lcp_tangent_matches_reference(norm, groups, dtype):
+    p, x, h, f, t, m = point(norm, groups, dtype)
+    w, v = torch.rand_like(x), torch.randn_like(x)
+    with torch.no_grad():
+        for seed in (v, None):
+            close_fields(N.lcp_tangent(w, f, t, m, p, v=seed), R.lcp_tangent(w, f, t, m, p, v=seed), RTOL[dtype],
+                         "lcp_tangent")
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_each_cpu_instruction_set(isa):
+    if not cpu_runs(isa):
+        pytest.skip(f"this CPU does not run the {isa} kernels")
+    with cpu_isa(isa):
+        for dtype in DTYPES:
+            p, x, h, f, t, m = point("group", 3, dtype)
+            w, v = torch.rand_like(x), torch.randn_like(x)
+            with torch.no_grad():
+                close_fields(N.linearize_tracked(x, h, p)[0], f, RTOL[dtype], f"{isa}: f")
+                close_fields(N.lcp_tangent(w, f, t, m, p, v=v), R.lcp_tangent(w, f, t, m, p, v=v), RTOL[dtype],
+                             f"{isa}: lcp_tangent")
+
+
+def test_plane_dot_sums_each_plane_across_chunks():
+    a, b = torch.randn(LARGE, dtype=torch.float64), torch.randn(LARGE, dtype=torch.float64)
+    (sums,) = _C.plane_pass("plane_dot", [a, b])
+    assert sums.shape == (*LARGE[:2], 2) and sums.dtype == torch.float64
+    assert_close(sums[..., 0], a.sum((2, 3)), 1e-13, name="sum a")
+    assert_close(sums[..., 1], (a * b).sum((2, 3)), 1e-13, name="sum a b")
+
+
+def test_the_native_backend_runs_these_passes_in_its_tracked_step(monkeypatch):
+    """HGRUCell(backend="native") on CPU: the tracked node's forward and backward run this
+    module's passes (backend="torch": the reference's)."""
+    calls = []
+    for name in ("linearize_tracked", "tangent_excite_mix"):
+        fn = getattr(N, name)
+        monkeypatch.setattr(N, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    for backend, want in (("torch", []), ("native", ["linearize_tracked", "tangent_excite_mix"])):
+        calls.clear()
+        torch.manual_seed(0)
+        cell = HGRUCell(4, 3, backend=backend, dtype=torch.float64)
+        x, h = torch.randn(2, 4, 9, 7, dtype=torch.float64), torch.rand(2, 4, 9, 7, dtype=torch.float64)
+        out, pen = cell.tracked_step(x.requires_grad_(), h, 0.1)
+        (out.sum() + pen).backward()
+        assert calls == want, backend
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of the entry point
+
+
+def test_plane_pass_refuses_bad_arguments():
+    a = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="plane_pass: expected one of plane_dot, .*got 'nope'"):
+        _C.plane_pass("nope", [a])
+    with pytest.raises(RuntimeError, match="tangent_gate_inh: expected 4 input maps, got 2"):
+        _C.plane_pass("tangent_gate_inh", [a, a])
+    with pytest.raises(RuntimeError, match="tangent_gate_inh: g1: expected a tensor, got None"):
+        _C.plane_pass("tangent_gate_inh", [a, None, a, a])
+    with pytest.raises(RuntimeError, match="h: expected the shape of w"):
+        _C.plane_pass("tangent_gate_inh", [a, a, a[:, :2].contiguous(), a])
+    with pytest.raises(RuntimeError, match="m1: expected the dtype of w"):
+        _C.plane_pass("tangent_gate_inh", [a, a, a, a.float()])
+    with pytest.raises(RuntimeError, match="m1: expected a contiguous tensor"):
+        _C.plane_pass("tangent_gate_inh", [a, a, a, a.transpose(2, 3).contiguous().transpose(2, 3)])
+    with pytest.raises(RuntimeError, match="scalars: expected None"):
+        _C.plane_pass("tangent_gate_inh", [a] * 4, torch.zeros(2, 3, 1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"tangent_inhibit: scalars: expected a \(B, C, 5\) tensor, got None"):
+        _C.plane_pass("tangent_inhibit", [a] * 7)
+    with pytest.raises(RuntimeError, match=r"scalars: expected shape \[2, 3, 5\]"):
+        _C.plane_pass("tangent_inhibit", [a] * 7, torch.zeros(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="scalars: expected dtype Float"):
+        _C.plane_pass("tangent_inhibit", [a.float()] * 7, torch.zeros(2, 3, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"tangent_inhibit: skip: expected a mask of the skippable outputs \(3\), got 4"):
+        _C.plane_pass("tangent_inhibit", [a] * 7, torch.zeros(2, 3, 5, dtype=torch.float64), 4)
+    with pytest.raises(RuntimeError, match="the CPU kernels take float32 or float64, got Half"):
+        _C.plane_pass("plane_dot", [a.half(), a.half()])
+    meta = torch.empty(2, 3, 5, 7, device="meta")
+    with pytest.raises(RuntimeError, match="expected a CPU or CUDA tensor|CPU only"):
+        _C.plane_pass("plane_dot", [meta, meta])
+
+
+def test_a_skipped_output_is_none_and_the_rest_is_written():
+    p, x, h, f, t, m = point("none", 1, torch.float64)
+    c1_raw_t, w = torch.randn_like(x), torch.rand_like(x)
+    scalars = torch.zeros(*x.shape[:2], 5, dtype=torch.float64)
+    scalars[..., 0] = 1.0  # invstd
+    outs = _C.plane_pass("tangent_inhibit", [c1_raw_t, None, f.dc1_coef, t.c1, w, t.s_q, t.s_r], scalars, 0b11)
+    assert outs[0] is None and outs[1] is None
+    assert all(torch.isfinite(o).all() for o in outs[2:])
