@@ -39,6 +39,8 @@ from torch import Tensor
 from ..conv import engines as conv_engines
 from ..conv.fft import SpectraScope, _mix_kernel, fft_shape
 from ..engine.lcp import lcp_from_step
+from ..hgru.backends import resolve_backend
+from ..hgru.tracked import passes_for
 from ..engine.solvers import neumann_adjoint
 from .records import Environment, Record
 from .setups import PENALTY_WEIGHT, Shape, Sweep, make_cell, make_inputs, synchronize
@@ -54,9 +56,14 @@ _MAPS = {
     "fused": {"step": 14, "linearize": 24, "vjp": 30},
     "torch": {"step": 40, "linearize": 40, "vjp": 70},
 }
-_TRACKED_FORWARD_MAPS = 40
+# The tracked step, by the reference's passes or (native backend on CPU) by the fused plane
+# passes of crbp_fast/hgru/native/tracked.py: its forward 34 (gate 4, inhibition 12, the U2
+# gate 4, excitation and mix 14) and the penalty's tangent about 113 (the five passes 8 + 19 +
+# 39 + 26 + 21, their 1x1 mixes and pixel outer products included), plus the column sums (~40,
+# the reference's either way). Autograd's double backward is about as many as the reference.
+_TRACKED_FORWARD_MAPS = {"fused": 34, "torch": 40}
 _TRACKED_BACKWARD_MAPS = 80
-_PENALTY_MAPS = 240  # the column sums (~40) and the tangent pass (~200; autograd's double backward is about as many)
+_PENALTY_MAPS = {"fused": 153, "torch": 240}
 
 
 @dataclass(frozen=True)
@@ -124,20 +131,23 @@ def _conv_cost(shape: Shape, conv: str, fused_mix: bool = False) -> tuple[float,
 
 
 def phase_model(shape: Shape, backend: str, conv: str, algorithm: str, steps: int,
-                adjoint_steps: int, fused_mix: bool = False) -> dict[str, tuple[float, float]]:
+                adjoint_steps: int, fused_mix: bool = False,
+                fused_tracked: bool = False) -> dict[str, tuple[float, float]]:
     """(bytes, flops) per phase of one iteration (module docstring): a count of passes, not a
     measurement. ``fused_mix``: the FFT engine's channel mix is the fused kernel
-    (crbp_fast.conv.fft: CRBP_FAST_FFT_MIX, native on CPU by default)."""
+    (crbp_fast.conv.fft: CRBP_FAST_FFT_MIX, native on CPU by default); ``fused_tracked``: the
+    tracked step runs the native plane passes (backend "native" on CPU)."""
     map_bytes = 4 * shape.batch * shape.channels * shape.height * shape.width
     conv_bytes, conv_flops = _conv_cost(shape, conv, fused_mix)
     maps = _MAPS["torch" if backend == "torch" else "fused"]
+    tracked = "fused" if fused_tracked else "torch"
 
     def cost(passes: float, convs: float) -> tuple[float, float]:
         return passes * map_bytes + convs * conv_bytes, convs * conv_flops
 
     out = {
         "forward": tuple(a + b for a, b in zip(cost(maps["step"] * (steps - 1), 2 * (steps - 1)),
-                                                cost(_TRACKED_FORWARD_MAPS, 2))),
+                                                cost(_TRACKED_FORWARD_MAPS[tracked], 2))),
         # Each VJP and the linearisation: two convs; the linearisation's forward: two more.
         "adjoint": tuple(a + b for a, b in zip(cost(maps["linearize"], 2),
                                                 cost(maps["vjp"] * adjoint_steps, 2 * adjoint_steps))),
@@ -147,7 +157,7 @@ def phase_model(shape: Shape, backend: str, conv: str, algorithm: str, steps: in
     if algorithm == "crbp":
         # The column sums: 2 transposed convs; the tangent pass: 2 convs, 2 transposed convs and
         # 2 weight gradients over twice the batch (4 at B). Autograd's route does the same count.
-        out["penalty"] = cost(_PENALTY_MAPS, 10)
+        out["penalty"] = cost(_PENALTY_MAPS[tracked], 10)
     return out
 
 
@@ -217,7 +227,8 @@ def run_phases(sweep: Sweep, env: Environment, rates: MachineRates) -> list[Reco
                     fn()
                 samples = [fn() for _ in range(sweep.repeats)]
                 fused = conv == "fft" and _mix_kernel(sweep.device, torch.float32) is not None
-                model = phase_model(shape, backend, conv, algorithm, steps, sweep.adjoint_steps, fused)
+                fused_tracked = passes_for(resolve_backend(backend, sweep.device).name, x) is not None
+                model = phase_model(shape, backend, conv, algorithm, steps, sweep.adjoint_steps, fused, fused_tracked)
                 print(f"{backend}/{conv} {algorithm} N={steps} K={sweep.adjoint_steps}:")
                 for phase in PHASES:
                     if phase not in model:

@@ -260,7 +260,7 @@ class HGRUCell(nn.Module):
         if lcp_target is not None:
             lcp_target = float(lcp_target)
         if tracked.supported(x, h, p):
-            return tracked.tracked_step(x, h, p, engine, lcp_target, _tracked_passes(backend.name, x))
+            return tracked.tracked_step(x, h, p, engine, lcp_target, tracked.passes_for(backend.name, x))
         if lcp_target is None:
             return self(x, h)
         from ..engine.lcp import lcp_from_step
@@ -276,16 +276,6 @@ class HGRUCell(nn.Module):
     def padding(self) -> int:
         """The 'same' padding of the horizontal convs (an attribute of the published module)."""
         return self.kernel_size // 2
-
-
-def _tracked_passes(backend: str, x: Tensor):
-    """The module of the tracked step's explicit passes for ``backend`` on x's device: the
-    native backend's fused CPU passes where they run, else the reference's (None)."""
-    if backend != "native":
-        return None
-    from .native import tracked as native_tracked
-
-    return native_tracked if native_tracked.supported(x) else None
 
 
 __all__ = ["HGRUCell", "GATE_BIAS_INITS"]

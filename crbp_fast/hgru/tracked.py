@@ -139,6 +139,16 @@ class _TrackedStep(torch.autograd.Function):
         return (None, *(g.to(s.dtype) for g, s in zip(reference.flat_grads(out), saved[:n])))
 
 
+def passes_for(backend: str, x: Tensor):
+    """The module of the explicit passes for ``backend`` (a resolved name) on x's device: the
+    native backend's fused CPU passes where they run, else the reference's (None)."""
+    if backend != "native":
+        return None
+    from .native import tracked as native_tracked
+
+    return native_tracked if native_tracked.supported(x) else None
+
+
 def supported(x: Tensor, h: Tensor, p: HGRUParams) -> bool:
     """Whether the explicit passes run for these inputs (else the autograd route)."""
     if torch.is_autocast_enabled(x.device.type) or x.dtype not in DTYPES:
@@ -154,4 +164,4 @@ def tracked_step(x: Tensor, h: Tensor, p: HGRUParams, engine: ConvEngineLike,
     return _TrackedStep.apply(_Config(p, engine, target, passes or reference), x, h, *_tensors(p))
 
 
-__all__ = ["tracked_step", "supported"]
+__all__ = ["passes_for", "tracked_step", "supported"]

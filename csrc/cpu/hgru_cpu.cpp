@@ -602,6 +602,8 @@ std::vector<Tensor> plane_pass(int pass, const std::vector<Tensor>& in, const Te
   AT_DISPATCH_FLOATING_TYPES(ref.scalar_type(), "plane_pass", [&] {
     using T = scalar_t;
     const auto fn = kernels<T>().plane[pass];
+    TORCH_CHECK(fn != nullptr, spec.name, ": no kernel in the ", kernels<T>().isa, " table (plane_passes.h lists a "
+                "pass that kernels_impl.h does not)");
     // A None input reads as zeros, so that each kernel is one formula (the term it carries vanishes).
     const std::vector<T> zeros(static_cast<size_t>(std::min(kPlaneChunk, s.hw)), T(0));
     const T* base_in[kPlaneMaxIn] = {};

@@ -228,3 +228,104 @@ void tracked_excite_mix(const PlaneArgs<T>& a) {
     c2_o[i] = c2;
   }
 }
+
+// The column-sum pass at v = 1 after the exc conv: de = s_z g2 s_e, dm2 = s_z (hh - h) g2 (1 - g2),
+// dc2 = de (gamma + omega h1).
+template <typename T>
+void column_sums_excite_mix(const PlaneArgs<T>& a) {
+  const T *s_z = a.in[cse::s_z], *g2 = a.in[cse::g2], *s_e = a.in[cse::s_e], *hmh = a.in[cse::hh_minus_h];
+  const T *slope = a.in[cse::g2_slope], *k_c2 = a.in[cse::dc2_coef];
+  T *de_o = a.out[cse::de], *dm2_o = a.out[cse::dm2], *dc2_o = a.out[cse::dc2];
+#pragma omp simd
+  for (int64_t i = 0; i < a.n; ++i) {
+    const T de = s_z[i] * g2[i] * s_e[i];
+    de_o[i] = de;
+    dm2_o[i] = s_z[i] * hmh[i] * slope[i];
+    dc2_o[i] = de * k_c2[i];
+  }
+}
+
+// After the transposed exc conv: dh1 = de dh1_coef + U2^T dm2 + the conv term, dq, dc1, and dh =
+// s_z (1 - g2) + dq c1 alpha (the rest of u is the caller's gate VJP).
+template <typename T>
+void column_sums_inhibit(const PlaneArgs<T>& a) {
+  const T *de = a.in[csi::de], *k_h1 = a.in[csi::dh1_coef], *mix = a.in[csi::dh1_mix], *cv = a.in[csi::dh1_conv];
+  const T *k_q = a.in[csi::dq_coef], *k_c1 = a.in[csi::dc1_coef], *s_z = a.in[csi::s_z], *g2 = a.in[csi::g2];
+  const T* k_h = a.in[csi::dh_q_coef];
+  T *dh1_o = a.out[csi::dh1], *dq_o = a.out[csi::dq], *dc1_o = a.out[csi::dc1], *dh_o = a.out[csi::dh];
+#pragma omp simd
+  for (int64_t i = 0; i < a.n; ++i) {
+    const T dh1 = de[i] * k_h1[i] + mix[i] + cv[i];
+    const T dq = dh1 * k_q[i];
+    dh1_o[i] = dh1;
+    dq_o[i] = dq;
+    dc1_o[i] = dq * k_c1[i];
+    dh_o[i] = s_z[i] * (T(1) - g2[i]) + dq * k_h[i];
+  }
+}
+
+// The tracked step's VJP after the exc conv: dm2, dc2, dh1 (without the U2^T and conv terms) and
+// dh so far, with the per-plane sums of the kappa, gamma, omega gradients, of the exc norm's
+// (dc2 xhat2, dc2) and of dm2 (the U2 bias gradient).
+template <typename T>
+void step_vjp_excite_mix(const PlaneArgs<T>& a) {
+  const T *v = a.in[sve::v], *s_z = a.in[sve::s_z], *g2 = a.in[sve::g2], *s_e = a.in[sve::s_e];
+  const T *hmh = a.in[sve::hh_minus_h], *slope = a.in[sve::g2_slope], *k_c2 = a.in[sve::dc2_coef];
+  const T *k_h1 = a.in[sve::dh1_coef], *h1 = a.in[sve::h1], *c2 = a.in[sve::c2], *xh = a.in[sve::xhat2];
+  T *dm2_o = a.out[sve::dm2], *dc2_o = a.out[sve::dc2], *dh1_o = a.out[sve::dh1], *dh_o = a.out[sve::dh];
+  double sk = 0, sg = 0, so = 0, sx = 0, sc = 0, sm = 0;
+#pragma omp simd reduction(+ : sk, sg, so, sx, sc, sm)
+  for (int64_t i = 0; i < a.n; ++i) {
+    const T dz = v[i] * s_z[i];
+    const T g = g2[i];
+    const T de = dz * g * s_e[i];
+    const T dm2 = dz * hmh[i] * slope[i];
+    const T dc2 = de * k_c2[i];
+    dm2_o[i] = dm2;
+    dc2_o[i] = dc2;
+    dh1_o[i] = de * k_h1[i];
+    dh_o[i] = dz * (T(1) - g);
+    sk += static_cast<double>(de * h1[i]);
+    sg += static_cast<double>(de * c2[i]);
+    so += static_cast<double>(de * h1[i] * c2[i]);
+    sx += static_cast<double>(dc2 * xh[i]);
+    sc += static_cast<double>(dc2);
+    sm += static_cast<double>(dm2);
+  }
+  a.sums[sve::s_kappa] = sk;
+  a.sums[sve::s_gamma] = sg;
+  a.sums[sve::s_omega] = so;
+  a.sums[sve::s_dc_xhat] = sx;
+  a.sums[sve::s_dc] = sc;
+  a.sums[sve::s_dm2] = sm;
+}
+
+// After the transposed exc conv (its term dh1_extra added here): dx, dc1 and dh with the
+// inhibition's term, with the per-plane sums of the alpha and mu gradients and the inh norm's.
+template <typename T>
+void step_vjp_inhibit(const PlaneArgs<T>& a) {
+  const T *d1 = a.in[svi::dh1], *d2 = a.in[svi::dh1_extra], *s_r = a.in[svi::s_r], *k_q = a.in[svi::dq_coef];
+  const T *k_c1 = a.in[svi::dc1_coef], *c1 = a.in[svi::c1], *h = a.in[svi::h], *dh = a.in[svi::dh];
+  const T* xh = a.in[svi::xhat1];
+  T *dx_o = a.out[svi::dx], *dc1_o = a.out[svi::dc1], *dh_o = a.out[svi::dh_out];
+  const T alpha = a.s[svi::alpha];
+  double sa = 0, sm = 0, sx = 0, sc = 0;
+#pragma omp simd reduction(+ : sa, sm, sx, sc)
+  for (int64_t i = 0; i < a.n; ++i) {
+    const T d = d1[i] + d2[i];
+    const T dq = d * k_q[i];
+    const T dc1 = dq * k_c1[i];
+    const T da = dq * c1[i];
+    dx_o[i] = d * s_r[i];
+    dc1_o[i] = dc1;
+    dh_o[i] = dh[i] + da * alpha;
+    sa += static_cast<double>(da * h[i]);
+    sm += static_cast<double>(da);
+    sx += static_cast<double>(dc1 * xh[i]);
+    sc += static_cast<double>(dc1);
+  }
+  a.sums[svi::s_alpha] = sa;
+  a.sums[svi::s_mu] = sm;
+  a.sums[svi::s_dc_xhat] = sx;
+  a.sums[svi::s_dc] = sc;
+}

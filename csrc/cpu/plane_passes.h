@@ -1,5 +1,5 @@
-// The plane passes of the tracked step (crbp_fast/hgru/reference.py: linearize_tracked and the
-// five passes of lcp_tangent): elementwise passes over (b, c) planes with per-plane scalars and
+// The plane passes of the tracked step (crbp_fast/hgru/reference.py: linearize_tracked,
+// column_sums, step_vjp and the five passes of lcp_tangent): elementwise passes over (b, c) planes with per-plane scalars and
 // per-plane sums, the 1x1 mixes and convolutions left to the caller (crbp_fast/hgru/native/
 // tracked.py). One entry point runs them all (ops.cpp: plane_pass), so each pass is a row of the
 // table below and one kernel in plane_impl.h, not a new binding.
@@ -24,6 +24,10 @@ enum PlanePass : int {
   kTangentVjpGateInh,
   kTrackedInhibit,
   kTrackedExciteMix,
+  kColumnSumsExciteMix,
+  kColumnSumsInhibit,
+  kStepVjpExciteMix,
+  kStepVjpInhibit,
   kPlanePasses,
 };
 
@@ -74,6 +78,22 @@ enum { c2_raw, h, h1, g2 };
 enum { state, s_z, hh_minus_h, s_e, dc2_coef, dh1_coef, g2_slope, xhat2, c2 };
 enum { mean, invstd, weight, bias, kappa, gamma, omega };  // scalars
 }  // namespace trx
+namespace cse { enum { s_z, g2, s_e, hh_minus_h, g2_slope, dc2_coef }; enum { de, dm2, dc2 }; }
+namespace csi {
+enum { de, dh1_coef, dh1_mix, dh1_conv, dq_coef, dc1_coef, s_z, g2, dh_q_coef };
+enum { dh1, dq, dc1, dh };
+}  // namespace csi
+namespace sve {
+enum { v, s_z, g2, s_e, hh_minus_h, g2_slope, dc2_coef, dh1_coef, h1, c2, xhat2 };
+enum { dm2, dc2, dh1, dh };
+enum { s_kappa, s_gamma, s_omega, s_dc_xhat, s_dc, s_dm2 };  // sums
+}  // namespace sve
+namespace svi {
+enum { dh1, dh1_extra, s_r, dq_coef, dc1_coef, c1, h, dh, xhat1 };
+enum { dx, dc1, dh_out };
+enum { alpha };                                 // scalars
+enum { s_alpha, s_mu, s_dc_xhat, s_dc };        // sums
+}  // namespace svi
 
 constexpr PlanePassSpec kPlanePassSpecs[kPlanePasses] = {
     {"plane_dot", 2, 0, 0, 2, {"a", "b"}, {}, 0u, 0u},
@@ -98,6 +118,16 @@ constexpr PlanePassSpec kPlanePassSpecs[kPlanePasses] = {
     {"tracked_excite_mix", 4, 9, 7, 0, {"c2_raw", "h", "h1", "g2"},
      {"state", "s_z", "hh_minus_h", "s_e", "dc2_coef", "dh1_coef", "g2_slope", "xhat2", "c2"}, 0u,
      (1u << trx::xhat2) | (1u << trx::c2)},
+    {"column_sums_excite_mix", 6, 3, 0, 0, {"s_z", "g2", "s_e", "hh_minus_h", "g2_slope", "dc2_coef"},
+     {"de", "dm2", "dc2"}, 0u, 0u},
+    {"column_sums_inhibit", 9, 4, 0, 0,
+     {"de", "dh1_coef", "dh1_mix", "dh1_conv", "dq_coef", "dc1_coef", "s_z", "g2", "dh_q_coef"},
+     {"dh1", "dq", "dc1", "dh"}, 0u, 0u},
+    {"step_vjp_excite_mix", 11, 4, 0, 6,
+     {"v", "s_z", "g2", "s_e", "hh_minus_h", "g2_slope", "dc2_coef", "dh1_coef", "h1", "c2", "xhat2"},
+     {"dm2", "dc2", "dh1", "dh"}, 1u << sve::xhat2, 0u},
+    {"step_vjp_inhibit", 9, 3, 1, 4, {"dh1", "dh1_extra", "s_r", "dq_coef", "dc1_coef", "c1", "h", "dh", "xhat1"},
+     {"dx", "dc1", "dh"}, (1u << svi::dh1_extra) | (1u << svi::xhat1), 0u},
 };
 
 // One chunk of one plane: inputs and outputs offset to the chunk (a None input or skipped

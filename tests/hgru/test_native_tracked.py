@@ -1,6 +1,6 @@
 """The native tracked-step passes (crbp_fast/hgru/native/tracked.py, csrc/cpu/plane_impl.h)
-against the reference passes they implement: linearize_tracked, each of the LCP tangent's five
-passes, and their composition, per norm, dtype, instruction set and thread count; plus the
+against the reference passes they implement: linearize_tracked, column_sums, step_vjp, each of
+the LCP tangent's five passes, and their composition, per norm, dtype, instruction set and thread count; plus the
 validation of the plane-pass entry point.
 
 Every output the extension allocates is NaN-filled first (CRBP_FAST_DEBUG_NAN_FILL=1), so an
@@ -137,6 +137,20 @@ def test_each_tangent_pass_matches_reference(norm, groups, dtype, shape, threads
               R.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p), rtol, "tangent_vjp_gate_inh")
 
 
+@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["small", "two-chunks"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm, groups", NORMS, ids=[n for n, _ in NORMS])
+def test_column_sums_and_step_vjp_match_reference(norm, groups, dtype, shape, threads):
+    p, x, h, f, t, m = point(norm, groups, dtype, shape)
+    f, t = random_like(f, x), random_like(t, x)
+    v, rtol = torch.randn_like(x), RTOL[dtype]
+    with torch.no_grad():
+        (u, maps), (u_ref, maps_ref) = N.column_sums(f, p), R.column_sums(f, p)
+        close(u, u_ref, rtol, "u")
+        close_fields(maps, maps_ref, rtol, "column_sums")
+        close_fields(N.step_vjp(v, f, t, p), R.step_vjp(v, f, t, p), rtol, "step_vjp")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm, groups", NORMS, ids=[n for n, _ in NORMS])
 def test_lcp_tangent_matches_reference(norm, groups, dtype):
@@ -160,6 +174,8 @@ def test_each_cpu_instruction_set(isa):
                 close_fields(N.linearize_tracked(x, h, p)[0], f, RTOL[dtype], f"{isa}: f")
                 close_fields(N.lcp_tangent(w, f, t, m, p, v=v), R.lcp_tangent(w, f, t, m, p, v=v), RTOL[dtype],
                              f"{isa}: lcp_tangent")
+                close_fields(N.column_sums(f, p)[1], m, RTOL[dtype], f"{isa}: column_sums")
+                close_fields(N.step_vjp(v, f, t, p), R.step_vjp(v, f, t, p), RTOL[dtype], f"{isa}: step_vjp")
 
 
 def test_plane_dot_sums_each_plane_across_chunks():
@@ -174,10 +190,10 @@ def test_the_native_backend_runs_these_passes_in_its_tracked_step(monkeypatch):
     """HGRUCell(backend="native") on CPU: the tracked node's forward and backward run this
     module's passes (backend="torch": the reference's)."""
     calls = []
-    for name in ("linearize_tracked", "tangent_excite_mix"):
+    for name in ("linearize_tracked", "column_sums", "tangent_excite_mix"):
         fn = getattr(N, name)
         monkeypatch.setattr(N, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
-    for backend, want in (("torch", []), ("native", ["linearize_tracked", "tangent_excite_mix"])):
+    for backend, want in (("torch", []), ("native", ["linearize_tracked", "column_sums", "tangent_excite_mix"])):
         calls.clear()
         torch.manual_seed(0)
         cell = HGRUCell(4, 3, backend=backend, dtype=torch.float64)

@@ -2,7 +2,7 @@
 ``backend="native"`` on CPU.
 
 Same names, arguments and results as :mod:`crbp_fast.hgru.reference` (where the math is written
-out): :func:`linearize_tracked` and the five passes of
+out): :func:`linearize_tracked`, :func:`column_sums`, :func:`step_vjp` and the five passes of
 :func:`~crbp_fast.hgru.reference.lcp_tangent` (:func:`tangent_gate_inh` ...
 :func:`tangent_vjp_gate_inh`; :func:`lcp_tangent` is the reference's composition of these). Each
 pass is one or two kernels over (b, c) planes (``csrc/cpu/plane_impl.h``) instead of tens of eager
@@ -13,10 +13,10 @@ the reduction of the per-plane sums over each normalisation set ((B, C) arrays),
 g2 = sigma(U2 h1 + b2) of the forward.
 
 Memory traffic of the tangent's elementwise work, in (B, C, H, W) maps read or written (norm
-"batch"): about 75 against about 600 for the reference's 200 eager ops.
+"batch", the 1x1 mixes and pixel outer products included): about 113 against about 600 for the
+reference's 200 eager ops.
 
-CPU only (float32, float64): on CUDA the reference passes run. :func:`column_sums` and
-:func:`step_vjp` are the reference's.
+CPU only (float32, float64): on CUDA the reference passes run.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from torch import Tensor
 
 from .. import reference
 from ..reference import (ColumnSumMaps, ConvFn, ExciteTangent, Factors, HGRUParams, InhibitTangent, NormSpec,
-                         Tracked, VjpInhibitTangent, _mix, _mix_t, _pixel_outer, column_sums, conv_same, lcp_weights,
-                         step_vjp)
-from .hgru import _C, _bcast_stats, _mat, _opmath, _vec
+                         StepGrads, Tracked, VjpInhibitTangent, _mix, _mix_t, _pixel_outer, conv_same,
+                         conv_same_transpose, conv_same_weight_grad, lcp_weights)
+from .hgru import _C, _bcast_stats, _mat, _opmath, _vec, norm_vjp
 
 #: The dtypes of these passes (on CPU).
 DTYPES = (torch.float32, torch.float64)
@@ -168,6 +168,56 @@ def _affine(spec: NormSpec) -> tuple:
 
 def _ref_stats(invstd: Tensor | float, spec: NormSpec, like: Tensor) -> Tensor | None:
     return None if spec.kind == "none" else _bcast_stats(invstd, spec).to(like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The column sums and the step's VJP
+
+
+def column_sums(f: Factors, p: HGRUParams, conv_t: ConvFn = conv_same_transpose) -> tuple[Tensor, ColumnSumMaps]:
+    """:func:`reference.column_sums`: two plane passes around the transposed exc conv, the native
+    norm VJPs, and the native gate VJP (its U1^T mix in-kernel) for u."""
+    de, dm2, dc2 = _pass("column_sums_excite_mix", [f.s_z, f.g2, f.s_e, f.hh_minus_h, f.g2_slope, f.dc2_coef])
+    dr2 = norm_vjp(dc2, f.xhat2, f.invstd2, p.norm_exc)
+    dh1, dq, dc1, dh = _pass("column_sums_inhibit", [de, f.dh1_coef, _mix_t(dm2, p.u2_weight), conv_t(dr2, p.w_exc),
+                                                     f.dq_coef, f.dc1_coef, f.s_z, f.g2, f.dh_q_coef])
+    dr1 = norm_vjp(dc1, f.xhat1, f.invstd1, p.norm_inh)
+    dhg = conv_t(dr1, p.w_inh).contiguous()
+    u = _C.vjp_gate_inh(dhg, dh, f.g1, f.hg1_slope, _mat(p.u1_weight, dhg), out=dh)
+    return u, ColumnSumMaps(dz=f.s_z, de=de, dm2=dm2, dc2=dc2, dr2=dr2, dh1=dh1, dq=dq, dc1=dc1, dr1=dr1, dhg=dhg)
+
+
+def step_vjp(v: Tensor, f: Factors, t: Tracked, p: HGRUParams, conv_t: ConvFn = conv_same_transpose,
+             weight_grad=None) -> StepGrads:
+    """:func:`reference.step_vjp`: a plane pass (every per-plane sum of the exc side), the native
+    norm VJP, the transposed conv and the weight gradient, a plane pass for the inhibition (sums
+    of alpha, mu and the inh norm), then the native gate VJP; 1x1 terms as matrix products."""
+    weight_grad = weight_grad or conv_same_weight_grad
+    k = p.w_inh.shape[-1]
+    dm2, dc2, dh1, dh, sums2 = _pass("step_vjp_excite_mix", [v, f.s_z, f.g2, f.s_e, f.hh_minus_h, f.g2_slope,
+                                                             f.dc2_coef, f.dh1_coef, t.h1, t.c2, f.xhat2])
+    dr2 = norm_vjp(dc2, f.xhat2, f.invstd2, p.norm_exc)
+    dh1 += _mix_t(dm2, p.u2_weight)
+    extra = conv_t(dr2, p.w_exc)  # before the weight gradient: an FFT engine reuses dr2's transform
+    dw_exc = weight_grad(t.h1, dr2, k)
+    dx, dc1, dh, sums1 = _pass("step_vjp_inhibit", [dh1, extra, t.s_r, f.dq_coef, f.dc1_coef, t.c1, t.h, dh, f.xhat1],
+                               _per_plane([p.alpha], v))
+    dr1 = norm_vjp(dc1, f.xhat1, f.invstd1, p.norm_inh)
+    dhg = conv_t(dr1, p.w_inh).contiguous()
+    dw_inh = weight_grad(t.hg, dr1, k)
+    dm1 = dhg * f.hg1_slope
+    dh = _C.vjp_gate_inh(dhg, dh, f.g1, f.hg1_slope, _mat(p.u1_weight, dhg), out=dh)
+    norms = []
+    for spec, sums in ((p.norm_inh, sums1[..., 2:4]), (p.norm_exc, sums2[..., 3:5])):
+        norms.append(None if spec.kind == "none" else (_channel(sums[..., 0], spec.weight),
+                                                       _channel(sums[..., 1], spec.bias)))
+    return StepGrads(
+        x=dx, h=dh, u1_weight=_pixel_outer(dm1, t.h, p.u1_weight), u1_bias=dm1.sum(dim=(0, 2, 3)),
+        u2_weight=_pixel_outer(dm2, t.h1, p.u2_weight), u2_bias=sums2[..., 5].sum(0).to(v.dtype), w_inh=dw_inh,
+        w_exc=dw_exc, alpha=_channel(sums1[..., 0], p.alpha), mu=_channel(sums1[..., 1], p.mu),
+        kappa=_channel(sums2[..., 0], p.kappa), gamma=_channel(sums2[..., 1], p.gamma),
+        omega=_channel(sums2[..., 2], p.omega), norm_inh=norms[0], norm_exc=norms[1],
+    )
 
 
 # --------------------------------------------------------------------------------------------
