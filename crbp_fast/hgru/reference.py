@@ -675,8 +675,8 @@ def lcp_tangent(
     conv_t: ConvFn = conv_same_transpose, weight_grad: WeightGradFn | None = None, v: Tensor | None = None,
     passes=None,
 ) -> StepGrads:
-    """D_h[step_vjp(1)] . w, plus step_vjp(v) when ``v`` is given: the gradient in x, h and every parameter of sum_i w_i u_i,
-    u = J^T 1 (module docstring), as explicit passes: the tangent of the forward step along
+    """D_h[step_vjp(1)] . w, plus step_vjp(v) when ``v`` is given: the gradient in x, h and every
+    parameter of sum_i w_i u_i, u = J^T 1 (module docstring), as explicit passes: the tangent of the forward step along
     h-direction ``w`` (two convs), then the tangent of the column-sum pass (two transposed convs
     and the two weight gradients, each one call over the pair of terms).
     ``m`` is :func:`column_sums`'s maps at the same point (their primal values are reused).

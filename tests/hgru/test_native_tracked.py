@@ -229,7 +229,8 @@ def test_plane_pass_refuses_bad_arguments():
         _C.plane_pass("tangent_inhibit", [a] * 7, torch.zeros(2, 3, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="scalars: expected dtype Float"):
         _C.plane_pass("tangent_inhibit", [a.float()] * 7, torch.zeros(2, 3, 5, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=r"tangent_inhibit: skip: expected a mask of the skippable outputs \(3\), got 4"):
+    with pytest.raises(RuntimeError, match=r"tangent_inhibit: skip: expected a mask of the skippable outputs \(3\), "
+                                           r"got 4"):
         _C.plane_pass("tangent_inhibit", [a] * 7, torch.zeros(2, 3, 5, dtype=torch.float64), 4)
     with pytest.raises(RuntimeError, match="the CPU kernels take float32 or float64, got Half"):
         _C.plane_pass("plane_dot", [a.half(), a.half()])

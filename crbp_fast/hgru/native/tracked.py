@@ -21,6 +21,8 @@ CPU only (float32, float64): on CUDA the reference passes run.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -293,8 +295,6 @@ def tangent_vjp_gate_inh(dhg_t: Tensor, dh_t: Tensor, w: Tensor, g1_t: Tensor, f
 def lcp_tangent(w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
                 conv_t=reference.conv_same_transpose, weight_grad=None, v: Tensor | None = None):
     """:func:`reference.lcp_tangent` with the passes of this module."""
-    import sys
-
     return reference.lcp_tangent(w, f, t, m, p, conv, conv_t, weight_grad, v, passes=sys.modules[__name__])
 
 
