@@ -84,7 +84,7 @@ CRBP_DECLARE_DEVICE_PASSES
 // the CPU and the environment variable CRBP_FAST_CPU_ISA, and changeable for tests.
 const char* isa();
 void set_isa(const char* name);
-// The tracked step's plane passes (cpu/plane_passes.h, CPU only): their outputs (undefined where
+// The tracked step's plane passes (cpu/plane_passes.h): their outputs (undefined where
 // the skip mask drops one), then, for a pass with sums, the (B, C, n_sums) float64 sums per plane.
 // `in` undefined where None; `scalars` (B, C, n_scalars) in the opmath dtype, or undefined.
 std::vector<at::Tensor> plane_pass(int pass, const std::vector<at::Tensor>& in, const at::Tensor& scalars,
@@ -94,6 +94,9 @@ std::vector<at::Tensor> plane_pass(int pass, const std::vector<at::Tensor>& in, 
 #ifdef CRBP_WITH_CUDA
 namespace cuda {
 CRBP_DECLARE_DEVICE_PASSES
+// The plane passes on CUDA (float32), as cpu::plane_pass.
+std::vector<at::Tensor> plane_pass(int pass, const std::vector<at::Tensor>& in, const at::Tensor& scalars,
+                                   std::int64_t skip);
 }  // namespace cuda
 #endif
 

@@ -510,8 +510,10 @@ std::vector<OptTensor> plane_pass(const std::string& name, const std::vector<Opt
   TORCH_CHECK(in[0].has_value(), name, ": ", spec.in[0], ": expected a tensor, got None");
   const Tensor& ref = *in[0];
   check_map(ref, spec.in[0]);
-  TORCH_CHECK(ref.is_cpu(), name, ": the plane passes run on CPU only (elsewhere the reference passes run), got ",
-              spec.in[0], " on ", ref.device());
+  if (ref.is_cuda()) {
+    TORCH_CHECK(ref.scalar_type() == at::kFloat, name, ": the CUDA plane passes take float32, got ",
+                ref.scalar_type());
+  }
   std::vector<Tensor> maps(in.size());
   for (int i = 0; i < spec.n_in; ++i) {
     if (!in[i].has_value()) {
@@ -535,7 +537,7 @@ std::vector<OptTensor> plane_pass(const std::string& name, const std::vector<Opt
               ": skip: expected a mask of the skippable outputs (", static_cast<std::int64_t>(spec.skippable),
               "), got ", skip);
   std::vector<OptTensor> out;
-  for (const Tensor& t : cpu::plane_pass(pass, maps, scal, skip)) out.push_back(optional(t));
+  for (const Tensor& t : CRBP_ON_DEVICE(ref, plane_pass(pass, maps, scal, skip))) out.push_back(optional(t));
   return out;
 }
 

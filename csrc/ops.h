@@ -91,7 +91,8 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const
 // One of the tracked step's plane passes (cpu/plane_passes.h) by name: `in` in the pass's order
 // (None only where the pass allows it), `scalars` (B, C, n_scalars) per plane in the opmath dtype
 // (None for a pass without), `skip` a mask of outputs not to compute. Returns the outputs (None
-// where skipped), then for a pass with sums the (B, C, n_sums) float64 sums per plane. CPU only.
+// where skipped), then for a pass with sums the (B, C, n_sums) float64 sums per plane. CPU
+// (float32, float64) and CUDA (float32).
 std::vector<OptTensor> plane_pass(const std::string& name, const std::vector<OptTensor>& in,
                                   const OptTensor& scalars, std::int64_t skip);
 

@@ -195,7 +195,7 @@ fi
 
 if [ "$MODE" = smoke ]; then
   # One Triton config per kernel (no autotuning) keeps the compile time of the smoke run small.
-  NATIVE_TESTS=(tests/hgru/test_native_backend.py)
+  NATIVE_TESTS=(tests/hgru/test_native_backend.py tests/hgru/test_native_tracked.py)
   [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && NATIVE_TESTS=()
   GPU_ONLY=(-m gpu)
   [ "$DRY" = 1 ] && GPU_ONLY=()  # on CPU every gpu test skips: run the files' CPU tests instead
@@ -223,7 +223,7 @@ else
   # would count in the CUDA peak, and its compile time at every FPN level's shape is not needed).
   CRBP_FAST_TRITON_ONE_CONFIG=1 stage "bench panoptic" 60 bench_panoptic "${PANOPTIC[@]}" --out "$OUT/records"
   IGNORE=()
-  [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && IGNORE=(--ignore=tests/hgru/test_native_backend.py)
+  [ "${CRBP_FAST_NO_EXT:-0}" = 1 ] && IGNORE=(--ignore=tests/hgru/test_native_backend.py --ignore=tests/hgru/test_native_tracked.py)
   pytest_stage "test suite" 200 full tests "${IGNORE[@]}" --ignore=tests/hgru/test_paper_shape.py
 fi
 

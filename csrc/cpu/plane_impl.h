@@ -1,16 +1,28 @@
 // The plane passes of plane_passes.h, one function per pass over one chunk of one (b, c) plane.
 // Included by kernels_impl.h inside its per-ISA anonymous namespace (so compiled once per ISA,
-// like every kernel there). The math is crbp_fast/hgru/reference.py's: linearize_tracked and the
-// passes of lcp_tangent, with the sets' means already reduced into the plane's scalars by the
-// caller. Every pointer is valid: the driver (hgru_cpu.cpp) passes zeros for a None input and a
-// scratch row for a skipped output, so each loop is one branch-free `omp simd` body.
+// like every kernel there), and by cuda/hgru_cuda.cu, whose kernel calls each function on one
+// element per thread (CUDA: device functions, no SIMD pragmas). The math is
+// crbp_fast/hgru/reference.py's: linearize_tracked, column_sums, step_vjp and the passes of
+// lcp_tangent, with the sets' means already reduced into the plane's scalars by the caller.
+// Every pointer is valid: the drivers pass zeros for a None input and a scratch element for a
+// skipped output, so each loop is one branch-free body.
+#ifdef __CUDACC__
+#define CRBP_PLANE_FN __device__ __forceinline__
+#define CRBP_PLANE_SIMD
+#define CRBP_PLANE_SIMD_SUM(...)
+#else
+#define CRBP_PLANE_FN inline
+#define CRBP_PLANE_PRAGMA_(x) _Pragma(#x)
+#define CRBP_PLANE_SIMD _Pragma("omp simd")
+#define CRBP_PLANE_SIMD_SUM(...) CRBP_PLANE_PRAGMA_(omp simd reduction(+ : __VA_ARGS__))
+#endif
 
 template <typename T>
-void plane_dot(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void plane_dot(const PlaneArgs<T>& a) {
   const T* x = a.in[0];
   const T* y = a.in[1];
   double s0 = 0, s1 = 0;
-#pragma omp simd reduction(+ : s0, s1)
+CRBP_PLANE_SIMD_SUM(s0, s1)
   for (int64_t i = 0; i < a.n; ++i) {
     const double u = static_cast<double>(x[i]);
     s0 += u;
@@ -22,10 +34,10 @@ void plane_dot(const PlaneArgs<T>& a) {
 
 // g1_t = g1 (1 - g1) m1 (m1 = U1 w), hg_t = w g1 + h g1_t.
 template <typename T>
-void tangent_gate_inh(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void tangent_gate_inh(const PlaneArgs<T>& a) {
   const T *w = a.in[tgi::w], *g1 = a.in[tgi::g1], *h = a.in[tgi::h], *m1 = a.in[tgi::m1];
   T *g1_t = a.out[tgi::g1_t], *hg_t = a.out[tgi::hg_t];
-#pragma omp simd
+CRBP_PLANE_SIMD
   for (int64_t i = 0; i < a.n; ++i) {
     const T g = g1[i];
     const T gt = g * (T(1) - g) * m1[i];
@@ -37,14 +49,14 @@ void tangent_gate_inh(const PlaneArgs<T>& a) {
 // xhat1_t = invstd (c_t - mean(c_t) - xhat1 mean(xhat1 c_t)), c1_t = weight xhat1_t,
 // q_t = c1_t (alpha h + mu) + c1 alpha w, r_t = -sigma(q) q_t, h1_t = sigma(r) r_t.
 template <typename T>
-void tangent_inhibit(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void tangent_inhibit(const PlaneArgs<T>& a) {
   const T *ct = a.in[tin::c1_raw_t], *xh = a.in[tin::xhat1], *k_c1 = a.in[tin::dc1_coef], *c1 = a.in[tin::c1];
   const T *w = a.in[tin::w], *s_q = a.in[tin::s_q], *s_r = a.in[tin::s_r];
   T *xt_o = a.out[tin::xhat1_t], *c1t_o = a.out[tin::c1_t], *qt_o = a.out[tin::q_t], *rt_o = a.out[tin::r_t];
   T* h1t_o = a.out[tin::h1_t];
   const T invstd = a.s[tin::invstd], m_t = a.s[tin::mean_t], m_xt = a.s[tin::mean_xt];
   const T weight = a.s[tin::weight], alpha = a.s[tin::alpha];
-#pragma omp simd
+CRBP_PLANE_SIMD
   for (int64_t i = 0; i < a.n; ++i) {
     const T xt = invstd * (ct[i] - m_t - xh[i] * m_xt);
     const T c1t = weight * xt;
@@ -62,7 +74,7 @@ void tangent_inhibit(const PlaneArgs<T>& a) {
 // column-sum pass down to dc2_t, with the per-plane sums of the kappa, gamma, omega gradients
 // and of the norm's (dc2_t xhat2 + dc2 xhat2_t, dc2_t, dc2 xhat2).
 template <typename T>
-void tangent_excite_mix(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void tangent_excite_mix(const PlaneArgs<T>& a) {
   const T *ct = a.in[tex::c2_raw_t], *xh = a.in[tex::xhat2], *w = a.in[tex::w], *h1_t = a.in[tex::h1_t];
   const T *g2_t = a.in[tex::g2_t], *c2 = a.in[tex::c2], *h1 = a.in[tex::h1], *s_e = a.in[tex::s_e];
   const T *g2 = a.in[tex::g2], *hmh = a.in[tex::hh_minus_h], *s_z = a.in[tex::s_z], *v = a.in[tex::v];
@@ -73,7 +85,7 @@ void tangent_excite_mix(const PlaneArgs<T>& a) {
   const T invstd = a.s[tex::invstd], m_t = a.s[tex::mean_t], m_xt = a.s[tex::mean_xt], weight = a.s[tex::weight];
   const T kappa = a.s[tex::kappa], gamma = a.s[tex::gamma], omega = a.s[tex::omega];
   double sk = 0, sg = 0, so = 0, sp = 0, sq = 0, sr = 0;
-#pragma omp simd reduction(+ : sk, sg, so, sp, sq, sr)
+CRBP_PLANE_SIMD_SUM(sk, sg, so, sp, sq, sr)
   for (int64_t i = 0; i < a.n; ++i) {
     const T xt = invstd * (ct[i] - m_t - xh[i] * m_xt);
     const T c2t = weight * xt;
@@ -108,19 +120,19 @@ void tangent_excite_mix(const PlaneArgs<T>& a) {
 
 // dr_t = rel_t dr + invstd (weight dc_t - mean(dxh_t) - xhat_t mean(dxh xhat) - xhat mean(dxh_t xhat + dxh xhat_t)).
 template <typename T>
-void norm_vjp_tangent(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void norm_vjp_tangent(const PlaneArgs<T>& a) {
   const T *dr = a.in[nvt::dr], *dct = a.in[nvt::dc_t], *xt = a.in[nvt::xhat_t], *xh = a.in[nvt::xhat];
   T* out = a.out[nvt::dr_t];
   const T rel = a.s[nvt::rel_t], invstd = a.s[nvt::invstd], weight = a.s[nvt::weight];
   const T m1 = a.s[nvt::mean_dxh_t], m2 = a.s[nvt::mean_dxh_xhat], m3 = a.s[nvt::mean_mixed];
-#pragma omp simd
+CRBP_PLANE_SIMD
   for (int64_t i = 0; i < a.n; ++i) out[i] = rel * dr[i] + invstd * (weight * dct[i] - m1 - xt[i] * m2 - xh[i] * m3);
 }
 
 // dx, dh_t and dc1_t after the transposed exc conv (its term dh1_t_extra added here), with the
 // per-plane sums of the alpha and mu gradients and of the inh norm's.
 template <typename T>
-void tangent_vjp_inhibit(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void tangent_vjp_inhibit(const PlaneArgs<T>& a) {
   const T *d1 = a.in[tvi::dh1_t], *d2 = a.in[tvi::dh1_t_extra], *s_r = a.in[tvi::s_r], *r_t = a.in[tvi::r_t];
   const T *s_q = a.in[tvi::s_q], *q_t = a.in[tvi::q_t], *dh1 = a.in[tvi::dh1], *k_q = a.in[tvi::dq_coef];
   const T *k_c1 = a.in[tvi::dc1_coef], *dq = a.in[tvi::dq], *w = a.in[tvi::w], *c1 = a.in[tvi::c1];
@@ -129,7 +141,7 @@ void tangent_vjp_inhibit(const PlaneArgs<T>& a) {
   T *dx_o = a.out[tvi::dx], *dht_o = a.out[tvi::dh_t_out], *dc1t_o = a.out[tvi::dc1_t];
   const T alpha = a.s[tvi::alpha];
   double sa = 0, sm = 0, sp = 0, sq = 0, sr = 0;
-#pragma omp simd reduction(+ : sa, sm, sp, sq, sr)
+CRBP_PLANE_SIMD_SUM(sa, sm, sp, sq, sr)
   for (int64_t i = 0; i < a.n; ++i) {
     const T d = d1[i] + d2[i];
     const T sr_ = s_r[i], sq_ = s_q[i], g = dh1[i], dqi = dq[i];
@@ -158,11 +170,11 @@ void tangent_vjp_inhibit(const PlaneArgs<T>& a) {
 // dm1 = dhg hg1_slope, dm1_t = dhg_t hg1_slope + dhg (w g1 (1 - g1) + h (1 - 2 g1) g1_t),
 // dh_t += dhg_t g1 + dhg g1_t (the U1^T term is the caller's mix of dm1_t).
 template <typename T>
-void tangent_vjp_gate_inh(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void tangent_vjp_gate_inh(const PlaneArgs<T>& a) {
   const T *dhg_t = a.in[tvg::dhg_t], *dhg = a.in[tvg::dhg], *slope = a.in[tvg::hg1_slope], *w = a.in[tvg::w];
   const T *g1 = a.in[tvg::g1], *h = a.in[tvg::h], *g1_t = a.in[tvg::g1_t], *dh_t = a.in[tvg::dh_t];
   T *dm1t_o = a.out[tvg::dm1_t], *dm1_o = a.out[tvg::dm1], *dht_o = a.out[tvg::dh_t_out];
-#pragma omp simd
+CRBP_PLANE_SIMD
   for (int64_t i = 0; i < a.n; ++i) {
     const T g = g1[i], d = dhg[i], dt = dhg_t[i];
     dm1_o[i] = d * slope[i];
@@ -174,13 +186,13 @@ void tangent_vjp_gate_inh(const PlaneArgs<T>& a) {
 // The inhibition of linearize_tracked: c1 = N(c1_raw), its xhat1, a = alpha h + mu, sigma(q),
 // sigma(r), -sigma(r) sigma(q), c1 alpha and h1 = sp(r), r = x - sp(c1 a).
 template <typename T>
-void tracked_inhibit(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void tracked_inhibit(const PlaneArgs<T>& a) {
   const T *raw = a.in[tri::c1_raw], *x = a.in[tri::x], *h = a.in[tri::h];
   T *c1_o = a.out[tri::c1], *xh_o = a.out[tri::xhat1], *a_o = a.out[tri::dc1_coef], *sq_o = a.out[tri::s_q];
   T *sr_o = a.out[tri::s_r], *kq_o = a.out[tri::dq_coef], *kh_o = a.out[tri::dh_q_coef], *h1_o = a.out[tri::h1];
   const T mean = a.s[tri::mean], invstd = a.s[tri::invstd], weight = a.s[tri::weight], bias = a.s[tri::bias];
   const T alpha = a.s[tri::alpha], mu = a.s[tri::mu];
-#pragma omp simd
+CRBP_PLANE_SIMD
   for (int64_t i = 0; i < a.n; ++i) {
     const T xh = (raw[i] - mean) * invstd;
     const T c1 = xh * weight + bias;
@@ -202,14 +214,14 @@ void tracked_inhibit(const PlaneArgs<T>& a) {
 // The excitation and mix of linearize_tracked: F, sigma(z), hh - h, sigma(e), gamma + omega h1,
 // kappa + omega c2, g2 (1 - g2), xhat2 and c2 = N(c2_raw).
 template <typename T>
-void tracked_excite_mix(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void tracked_excite_mix(const PlaneArgs<T>& a) {
   const T *raw = a.in[trx::c2_raw], *h = a.in[trx::h], *h1 = a.in[trx::h1], *g2 = a.in[trx::g2];
   T *f_o = a.out[trx::state], *sz_o = a.out[trx::s_z], *hmh_o = a.out[trx::hh_minus_h], *se_o = a.out[trx::s_e];
   T *kc2_o = a.out[trx::dc2_coef], *kh1_o = a.out[trx::dh1_coef], *sl_o = a.out[trx::g2_slope];
   T *xh_o = a.out[trx::xhat2], *c2_o = a.out[trx::c2];
   const T mean = a.s[trx::mean], invstd = a.s[trx::invstd], weight = a.s[trx::weight], bias = a.s[trx::bias];
   const T kappa = a.s[trx::kappa], gamma = a.s[trx::gamma], omega = a.s[trx::omega];
-#pragma omp simd
+CRBP_PLANE_SIMD
   for (int64_t i = 0; i < a.n; ++i) {
     const T xh = (raw[i] - mean) * invstd;
     const T c2 = xh * weight + bias;
@@ -232,11 +244,11 @@ void tracked_excite_mix(const PlaneArgs<T>& a) {
 // The column-sum pass at v = 1 after the exc conv: de = s_z g2 s_e, dm2 = s_z (hh - h) g2 (1 - g2),
 // dc2 = de (gamma + omega h1).
 template <typename T>
-void column_sums_excite_mix(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void column_sums_excite_mix(const PlaneArgs<T>& a) {
   const T *s_z = a.in[cse::s_z], *g2 = a.in[cse::g2], *s_e = a.in[cse::s_e], *hmh = a.in[cse::hh_minus_h];
   const T *slope = a.in[cse::g2_slope], *k_c2 = a.in[cse::dc2_coef];
   T *de_o = a.out[cse::de], *dm2_o = a.out[cse::dm2], *dc2_o = a.out[cse::dc2];
-#pragma omp simd
+CRBP_PLANE_SIMD
   for (int64_t i = 0; i < a.n; ++i) {
     const T de = s_z[i] * g2[i] * s_e[i];
     de_o[i] = de;
@@ -248,12 +260,12 @@ void column_sums_excite_mix(const PlaneArgs<T>& a) {
 // After the transposed exc conv: dh1 = de dh1_coef + U2^T dm2 + the conv term, dq, dc1, and dh =
 // s_z (1 - g2) + dq c1 alpha (the rest of u is the caller's gate VJP).
 template <typename T>
-void column_sums_inhibit(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void column_sums_inhibit(const PlaneArgs<T>& a) {
   const T *de = a.in[csi::de], *k_h1 = a.in[csi::dh1_coef], *mix = a.in[csi::dh1_mix], *cv = a.in[csi::dh1_conv];
   const T *k_q = a.in[csi::dq_coef], *k_c1 = a.in[csi::dc1_coef], *s_z = a.in[csi::s_z], *g2 = a.in[csi::g2];
   const T* k_h = a.in[csi::dh_q_coef];
   T *dh1_o = a.out[csi::dh1], *dq_o = a.out[csi::dq], *dc1_o = a.out[csi::dc1], *dh_o = a.out[csi::dh];
-#pragma omp simd
+CRBP_PLANE_SIMD
   for (int64_t i = 0; i < a.n; ++i) {
     const T dh1 = de[i] * k_h1[i] + mix[i] + cv[i];
     const T dq = dh1 * k_q[i];
@@ -268,13 +280,13 @@ void column_sums_inhibit(const PlaneArgs<T>& a) {
 // dh so far, with the per-plane sums of the kappa, gamma, omega gradients, of the exc norm's
 // (dc2 xhat2, dc2) and of dm2 (the U2 bias gradient).
 template <typename T>
-void step_vjp_excite_mix(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void step_vjp_excite_mix(const PlaneArgs<T>& a) {
   const T *v = a.in[sve::v], *s_z = a.in[sve::s_z], *g2 = a.in[sve::g2], *s_e = a.in[sve::s_e];
   const T *hmh = a.in[sve::hh_minus_h], *slope = a.in[sve::g2_slope], *k_c2 = a.in[sve::dc2_coef];
   const T *k_h1 = a.in[sve::dh1_coef], *h1 = a.in[sve::h1], *c2 = a.in[sve::c2], *xh = a.in[sve::xhat2];
   T *dm2_o = a.out[sve::dm2], *dc2_o = a.out[sve::dc2], *dh1_o = a.out[sve::dh1], *dh_o = a.out[sve::dh];
   double sk = 0, sg = 0, so = 0, sx = 0, sc = 0, sm = 0;
-#pragma omp simd reduction(+ : sk, sg, so, sx, sc, sm)
+CRBP_PLANE_SIMD_SUM(sk, sg, so, sx, sc, sm)
   for (int64_t i = 0; i < a.n; ++i) {
     const T dz = v[i] * s_z[i];
     const T g = g2[i];
@@ -303,14 +315,14 @@ void step_vjp_excite_mix(const PlaneArgs<T>& a) {
 // After the transposed exc conv (its term dh1_extra added here): dx, dc1 and dh with the
 // inhibition's term, with the per-plane sums of the alpha and mu gradients and the inh norm's.
 template <typename T>
-void step_vjp_inhibit(const PlaneArgs<T>& a) {
+CRBP_PLANE_FN void step_vjp_inhibit(const PlaneArgs<T>& a) {
   const T *d1 = a.in[svi::dh1], *d2 = a.in[svi::dh1_extra], *s_r = a.in[svi::s_r], *k_q = a.in[svi::dq_coef];
   const T *k_c1 = a.in[svi::dc1_coef], *c1 = a.in[svi::c1], *h = a.in[svi::h], *dh = a.in[svi::dh];
   const T* xh = a.in[svi::xhat1];
   T *dx_o = a.out[svi::dx], *dc1_o = a.out[svi::dc1], *dh_o = a.out[svi::dh_out];
   const T alpha = a.s[svi::alpha];
   double sa = 0, sm = 0, sx = 0, sc = 0;
-#pragma omp simd reduction(+ : sa, sm, sx, sc)
+CRBP_PLANE_SIMD_SUM(sa, sm, sx, sc)
   for (int64_t i = 0; i < a.n; ++i) {
     const T d = d1[i] + d2[i];
     const T dq = d * k_q[i];
@@ -329,3 +341,10 @@ void step_vjp_inhibit(const PlaneArgs<T>& a) {
   a.sums[svi::s_dc_xhat] = sx;
   a.sums[svi::s_dc] = sc;
 }
+
+#undef CRBP_PLANE_FN
+#undef CRBP_PLANE_SIMD
+#undef CRBP_PLANE_SIMD_SUM
+#ifdef CRBP_PLANE_PRAGMA_
+#undef CRBP_PLANE_PRAGMA_
+#endif

@@ -33,6 +33,7 @@ enum PlanePass : int {
 
 constexpr int kPlaneMaxIn = 18;
 constexpr int kPlaneMaxOut = 9;
+constexpr int kPlaneMaxSums = 6;
 
 struct PlanePassSpec {
   const char* name;

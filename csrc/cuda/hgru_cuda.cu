@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../cpu/plane_passes.h"
 #include "../hgru.h"
 
 namespace crbp::cuda {
@@ -463,6 +465,111 @@ NormPtrs norm_ptrs(const Norm& norm, const Tensor& mean, const Tensor& invstd) {
           norm.bias.const_data_ptr<float>()};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The tracked step's plane passes (cpu/plane_passes.h), float32: the CPU kernels' own bodies
+// (cpu/plane_impl.h, compiled here as device functions) on one element per thread, in the
+// plane kernels' grid-stride shape; per-plane sums reduced over the block and added to the
+// (B, C, n_sums) float64 output atomically. Checked at build time by ptxas's listing of each
+// instantiation's stores (scripts/cuda_build_check.sh); not yet run on a GPU.
+
+namespace plane {
+using namespace crbp::cpu;  // PlaneArgs and the input / output / scalar index names
+#include "../cpu/plane_impl.h"
+}  // namespace plane
+
+__device__ float g_plane_zero[1];  // what a None input reads (zero-initialised)
+
+struct PlanePointers {
+  const float* in[cpu::kPlaneMaxIn];
+  float* out[cpu::kPlaneMaxOut];
+  const float* scalars;
+  double* sums;
+};
+
+__device__ double block_sum_double(double v) {
+  __shared__ double partial[32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < (blockDim.x >> 5) ? partial[lane] : 0.0;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) partial[0] = v;
+  }
+  __syncthreads();
+  v = partial[0];
+  __syncthreads();
+  return v;
+}
+
+template <int PASS>
+__device__ __forceinline__ void plane_body(const cpu::PlaneArgs<float>& a) {
+  using namespace cpu;
+  if constexpr (PASS == kPlaneDot) plane::plane_dot<float>(a);
+  else if constexpr (PASS == kTangentGateInh) plane::tangent_gate_inh<float>(a);
+  else if constexpr (PASS == kTangentInhibit) plane::tangent_inhibit<float>(a);
+  else if constexpr (PASS == kTangentExciteMix) plane::tangent_excite_mix<float>(a);
+  else if constexpr (PASS == kNormVjpTangent) plane::norm_vjp_tangent<float>(a);
+  else if constexpr (PASS == kTangentVjpInhibit) plane::tangent_vjp_inhibit<float>(a);
+  else if constexpr (PASS == kTangentVjpGateInh) plane::tangent_vjp_gate_inh<float>(a);
+  else if constexpr (PASS == kTrackedInhibit) plane::tracked_inhibit<float>(a);
+  else if constexpr (PASS == kTrackedExciteMix) plane::tracked_excite_mix<float>(a);
+  else if constexpr (PASS == kColumnSumsExciteMix) plane::column_sums_excite_mix<float>(a);
+  else if constexpr (PASS == kColumnSumsInhibit) plane::column_sums_inhibit<float>(a);
+  else if constexpr (PASS == kStepVjpExciteMix) plane::step_vjp_excite_mix<float>(a);
+  else if constexpr (PASS == kStepVjpInhibit) plane::step_vjp_inhibit<float>(a);
+  static_assert(PASS >= 0 && PASS < kPlanePasses, "a plane pass of plane_passes.h");
+}
+
+// The table's counts as constant expressions (device code may read a host constexpr array's
+// scalars only through a constexpr function evaluated at compile time).
+struct PlaneCounts {
+  int n_in, n_out, n_scalars, n_sums;
+};
+__host__ __device__ constexpr PlaneCounts plane_counts(int pass) {
+  return {cpu::kPlanePassSpecs[pass].n_in, cpu::kPlanePassSpecs[pass].n_out, cpu::kPlanePassSpecs[pass].n_scalars,
+          cpu::kPlanePassSpecs[pass].n_sums};
+}
+
+template <int PASS>
+__global__ void plane_pass_kernel(PlanePointers p, int64_t planes, int64_t hw) {
+  constexpr PlaneCounts spec = plane_counts(PASS);
+  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    double total[cpu::kPlaneMaxSums + 1] = {};
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < hw;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t off = plane * hw + i;
+      cpu::PlaneArgs<float> a;
+      double sums[cpu::kPlaneMaxSums + 1];
+#pragma unroll
+      for (int k = 0; k < spec.n_in; ++k) a.in[k] = p.in[k] != nullptr ? p.in[k] + off : g_plane_zero;
+      // Every output is a real buffer (a skipped one too, dropped by the host): with a
+      // local-array fallback for skipped outputs nvcc 13.0 removed every store of the pass.
+#pragma unroll
+      for (int k = 0; k < spec.n_out; ++k) a.out[k] = p.out[k] + off;
+      a.s = p.scalars != nullptr ? p.scalars + plane * spec.n_scalars : nullptr;
+      a.sums = sums;
+      a.n = 1;
+      plane_body<PASS>(a);
+#pragma unroll
+      for (int k = 0; k < spec.n_sums; ++k) total[k] += sums[k];
+    }
+#pragma unroll
+    for (int k = 0; k < spec.n_sums; ++k) {
+      const double v = block_sum_double(total[k]);
+      if (threadIdx.x == 0) atomicAdd(p.sums + plane * spec.n_sums + k, v);
+    }
+  }
+}
+
+template <int PASS>
+void launch_plane_pass(const PlanePointers& p, const Shape& s) {
+  plane_pass_kernel<PASS><<<plane_grid(s), kThreads, 0, stream()>>>(p, s.planes(), s.hw);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -771,6 +878,49 @@ Tensor spectral_outer(const Tensor& p, const Tensor& q, std::int64_t rows, const
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return d;
+}
+
+std::vector<Tensor> plane_pass(int pass, const std::vector<Tensor>& in, const Tensor& scalars, int64_t skip) {
+  const cpu::PlanePassSpec& spec = cpu::kPlanePassSpecs[pass];
+  const Tensor& ref = in[0];
+  TORCH_CHECK(ref.scalar_type() == at::kFloat, spec.name, ": the CUDA plane passes take float32, got ",
+              ref.scalar_type());
+  const c10::cuda::CUDAGuard guard(ref.device());
+  const Shape s = shape_of(ref);
+  std::vector<Tensor> out(static_cast<size_t>(spec.n_out));
+  PlanePointers p{};
+  for (int i = 0; i < spec.n_in; ++i) p.in[i] = in[i].defined() ? in[i].const_data_ptr<float>() : nullptr;
+  std::vector<Tensor> dropped;  // the skipped outputs' buffers, written and freed
+  for (int o = 0; o < spec.n_out; ++o) {
+    Tensor t = alloc_output(ref);
+    p.out[o] = t.mutable_data_ptr<float>();
+    if ((skip >> o) & 1) {
+      dropped.push_back(t);
+    } else {
+      out[o] = t;
+    }
+  }
+  p.scalars = scalars.defined() ? scalars.const_data_ptr<float>() : nullptr;
+  Tensor sums;
+  if (spec.n_sums > 0) {
+    sums = at::zeros({s.batch, s.channels, spec.n_sums}, ref.options().dtype(at::kDouble));
+    p.sums = sums.mutable_data_ptr<double>();
+  }
+  switch (pass) {
+#define CRBP_PLANE_CASE(P) \
+  case P:                  \
+    launch_plane_pass<P>(p, s); \
+    break;
+    CRBP_PLANE_CASE(0) CRBP_PLANE_CASE(1) CRBP_PLANE_CASE(2) CRBP_PLANE_CASE(3) CRBP_PLANE_CASE(4)
+    CRBP_PLANE_CASE(5) CRBP_PLANE_CASE(6) CRBP_PLANE_CASE(7) CRBP_PLANE_CASE(8) CRBP_PLANE_CASE(9)
+    CRBP_PLANE_CASE(10) CRBP_PLANE_CASE(11) CRBP_PLANE_CASE(12)
+#undef CRBP_PLANE_CASE
+    default:
+      TORCH_CHECK(false, spec.name, ": no CUDA kernel for plane pass ", pass);
+  }
+  static_assert(cpu::kPlanePasses == 13, "a new plane pass needs its case above");
+  if (spec.n_sums > 0) out.push_back(sums);
+  return out;
 }
 
 }  // namespace crbp::cuda

@@ -11,6 +11,8 @@ larger than a work chunk (8192 elements), so per-plane sums are merged across ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -201,6 +203,50 @@ def test_the_native_backend_runs_these_passes_in_its_tracked_step(monkeypatch):
         out, pen = cell.tracked_step(x.requires_grad_(), h, 0.1)
         (out.sum() + pen).backward()
         assert calls == want, backend
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (owed to the GPU run: csrc/cuda/hgru_cuda.cu runs the same kernel bodies per element)
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _C.with_cuda()),
+                         reason="needs a CUDA device and a CUDA build of crbp_fast.hgru.native (owed to the GPU run)")
+
+
+def _cuda(spec):
+    return dataclasses.replace(spec, **{k: getattr(spec, k).cuda() for k in ("weight", "bias")
+                                        if getattr(spec, k) is not None})
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("norm, groups", NORMS, ids=[n for n, _ in NORMS])
+def test_the_passes_on_cuda_match_the_reference(norm, groups, full_float32, monkeypatch):
+    """float32 on CUDA against the reference's ops on CUDA; planes of two chunks and more."""
+    p, x, h = problem(norm, groups, torch.float32, shape=(3, 6, 131, 67))
+    p = R.HGRUParams(*(_cuda(v) if isinstance(v, R.NormSpec) else v.cuda() for v in p))
+    x, h = x.cuda(), h.cuda()
+    rtol = 1e-4
+    with torch.no_grad():
+        f, t = R.linearize_tracked(x, h, p)
+        fn, tn = N.linearize_tracked(x, h, p)
+        close_fields(fn, f, rtol, "f")
+        close_fields(tn, t, rtol, "t")
+        (u, m), (u_n, m_n) = R.column_sums(f, p), N.column_sums(f, p)
+        close(u_n, u, rtol, "u")
+        close_fields(m_n, m, rtol, "column_sums")
+        w, v = torch.rand_like(x), torch.randn_like(x)
+        close_fields(N.step_vjp(v, f, t, p), R.step_vjp(v, f, t, p), rtol, "step_vjp")
+        for seed in (v, None):
+            close_fields(N.lcp_tangent(w, f, t, m, p, v=seed), R.lcp_tangent(w, f, t, m, p, v=seed), rtol,
+                         "lcp_tangent")
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_cuda_plane_passes_refuse_bfloat16():
+    a = torch.randn(2, 3, 5, 7, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="the CUDA plane passes take float32, got BFloat16"):
+        _C.plane_pass("plane_dot", [a, a])
 
 
 # --------------------------------------------------------------------------------------------

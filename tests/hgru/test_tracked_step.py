@@ -167,10 +167,19 @@ def test_tracked_step_backward_runs_only_the_terms_the_loss_uses(monkeypatch, ba
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (owed to the GPU run)")
+@pytest.mark.parametrize("backend", ["auto", "native"])
 @pytest.mark.parametrize("conv", ["direct", "fft"])
-def test_tracked_step_on_cuda_matches_autograd(conv, full_float32):
-    """On CUDA (cuFFT, the batched-matmul mix): the explicit node against autograd's route."""
-    cell, x, h = make("batch", 1, conv, dtype=torch.float32, shape=(3, 6, 21, 19), k=7)
+def test_tracked_step_on_cuda_matches_autograd(conv, backend, full_float32):
+    """On CUDA (cuFFT, the batched-matmul mix): the explicit node against autograd's route, with
+    the reference's passes ("auto": the Triton step) and the native CUDA plane passes."""
+    if backend == "native":
+        try:
+            from crbp_fast.hgru.native import _C
+        except ImportError:
+            pytest.skip("built without the native extension")
+        if not _C.with_cuda():
+            pytest.skip("the native extension was built without CUDA")
+    cell, x, h = make("batch", 1, conv, dtype=torch.float32, shape=(3, 6, 21, 19), k=7, backend=backend)
     cell, x, h = cell.cuda(), x.cuda(), h.cuda()
     xx = x.clone().requires_grad_()
     out, pen = cell.tracked_step(xx, h, 0.5)

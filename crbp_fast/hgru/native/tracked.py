@@ -1,5 +1,5 @@
-"""The tracked step's passes as fused CPU plane passes: what :mod:`crbp_fast.hgru.tracked` runs for
-``backend="native"`` on CPU.
+"""The tracked step's passes as fused plane passes: what :mod:`crbp_fast.hgru.tracked` runs for
+``backend="native"``.
 
 Same names, arguments and results as :mod:`crbp_fast.hgru.reference` (where the math is written
 out): :func:`linearize_tracked`, :func:`column_sums`, :func:`step_vjp` and the five passes of
@@ -16,7 +16,9 @@ Memory traffic of the tangent's elementwise work, in (B, C, H, W) maps read or w
 "batch", the 1x1 mixes and pixel outer products included): about 113 against about 600 for the
 reference's 200 eager ops.
 
-CPU only (float32, float64): on CUDA the reference passes run.
+CPU (float32, float64) and, in a CUDA build, CUDA (float32: the same kernel bodies as device
+functions, one element per thread, csrc/cuda/hgru_cuda.cu; not yet run on a GPU, its tests are
+marked ``gpu``). Elsewhere the reference passes run.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from ..reference import (ColumnSumMaps, ConvFn, ExciteTangent, Factors, HGRUPara
                          conv_same_transpose, conv_same_weight_grad, lcp_weights)
 from .hgru import _C, _bcast_stats, _mat, _opmath, _vec, norm_vjp
 
-#: The dtypes of these passes (on CPU).
-DTYPES = (torch.float32, torch.float64)
+#: The dtypes of these passes per device (CUDA: when the extension was built with CUDA).
+DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
 
 
 def _pass(name: str, maps: list[Tensor | None], scalars: Tensor | None = None, skip: int = 0) -> list:
@@ -45,15 +47,15 @@ def _per_plane(values: list, like: Tensor) -> Tensor:
     """(B, C, S) scalars in the compute dtype: each value a per-channel parameter ((C,) or
     (C, 1, 1)), per-plane statistics ((B, C), (1, C, 1, 1) or (B, C, 1, 1)) or a number."""
     b, c = like.shape[:2]
-    dtype = _opmath(like)
+    dtype, device = _opmath(like), like.device
     cols = []
     for v in values:
         if not isinstance(v, Tensor):
-            cols.append(torch.full((b, c), float(v), dtype=dtype))
+            cols.append(torch.full((b, c), float(v), dtype=dtype, device=device))
         elif v.numel() == c:
-            cols.append(v.detach().reshape(1, c).to(dtype).expand(b, c))
+            cols.append(v.detach().reshape(1, c).to(device=device, dtype=dtype).expand(b, c))
         else:
-            cols.append(v.detach().reshape(-1, c).to(dtype).expand(b, c))
+            cols.append(v.detach().reshape(-1, c).to(device=device, dtype=dtype).expand(b, c))
     return torch.stack(cols, dim=-1).contiguous()
 
 
@@ -299,8 +301,11 @@ def lcp_tangent(w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUPara
 
 
 def supported(x: Tensor) -> bool:
-    """Whether these passes run for maps like ``x`` (CPU, float32 / float64)."""
-    return x.device.type == "cpu" and x.dtype in DTYPES
+    """Whether these passes run for maps like ``x``: CPU float32 / float64; CUDA float32 with a
+    CUDA build of the extension."""
+    if x.device.type == "cuda" and not _C.with_cuda():
+        return False
+    return x.dtype in DTYPES.get(x.device.type, ())
 
 
 __all__ = [
