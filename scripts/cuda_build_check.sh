@@ -30,5 +30,5 @@ nvcc_cmd=$(grep -m1 'nvcc .*csrc/cuda/hgru_cuda\.cu' build.log | sed 's/^\[[0-9/
 [ -n "$nvcc_cmd" ] || { echo "[cuda-build] FAILED: no nvcc command for csrc/cuda/hgru_cuda.cu in the build log"; exit 1; }
 ptx_cmd=$(echo "$nvcc_cmd" | sed -E 's/ -MD -MF [^ ]+//; s/ -c -c / -c /; s/ -o [^ ]+hgru_cuda\.o/ -o hgru_cuda.ptx/; s/-gencode=arch=compute_([0-9]+),code=sm_[0-9]+/-arch=sm_\1/g; s/ -c / -ptx /')
 eval "$ptx_cmd" >ptx.log 2>&1 || { tail -n 20 ptx.log; echo "[cuda-build] FAILED: PTX of hgru_cuda.cu"; exit 1; }
-"$PY" scripts/check_ptx_stores.py hgru_cuda.ptx csrc/cpu/plane_passes.h || { echo "[cuda-build] FAILED"; exit 1; }
+"$PY" scripts/check_ptx_stores.py hgru_cuda.ptx csrc/cpu/plane_passes.h csrc/cuda/hgru_cuda.cu || { echo "[cuda-build] FAILED"; exit 1; }
 PYTHONPATH=$tmp "$PY" -m pytest tests/hgru/test_native_backend.py tests/hgru/test_native_tracked.py -q -p no:cacheprovider

@@ -56,14 +56,16 @@ _MAPS = {
     "fused": {"step": 14, "linearize": 24, "vjp": 30},
     "torch": {"step": 40, "linearize": 40, "vjp": 70},
 }
-# The tracked step, by the reference's passes or (native backend on CPU) by the fused plane
-# passes of crbp_fast/hgru/native/tracked.py: its forward 34 (gate 4, inhibition 12, the U2
-# gate 4, excitation and mix 14) and the penalty's tangent about 113 (the five passes 8 + 19 +
-# 39 + 26 + 21, their 1x1 mixes and pixel outer products included), plus the column sums (~40,
-# the reference's either way). Autograd's double backward is about as many as the reference.
+# The tracked step, by the reference's passes or (native backend) by the fused plane passes of
+# crbp_fast/hgru/native/tracked.py: its forward 34 (gate 4, inhibition 12, the U2 gate 4,
+# excitation and mix 14); the penalty's tangent about 113 (the five passes 8 + 19 + 39 + 26 + 21,
+# their 1x1 mixes and pixel outer products included) and the column sums about 39 (counted with
+# the penalty); the state-only backward about 55. The reference's counts are the estimates this
+# model had before the fused passes (its eager ops move more: the tangent's ~200 ops roughly 500
+# maps); autograd's double backward is about as many as the reference.
 _TRACKED_FORWARD_MAPS = {"fused": 34, "torch": 40}
-_TRACKED_BACKWARD_MAPS = 80
-_PENALTY_MAPS = {"fused": 153, "torch": 240}
+_TRACKED_BACKWARD_MAPS = {"fused": 55, "torch": 80}
+_PENALTY_MAPS = {"fused": 152, "torch": 240}
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def phase_model(shape: Shape, backend: str, conv: str, algorithm: str, steps: in
         "adjoint": tuple(a + b for a, b in zip(cost(maps["linearize"], 2),
                                                 cost(maps["vjp"] * adjoint_steps, 2 * adjoint_steps))),
         # Two transposed convs and two weight gradients.
-        "final_backward": cost(_TRACKED_BACKWARD_MAPS, 4),
+        "final_backward": cost(_TRACKED_BACKWARD_MAPS[tracked], 4),
     }
     if algorithm == "crbp":
         # The column sums: 2 transposed convs; the tangent pass: 2 convs, 2 transposed convs and

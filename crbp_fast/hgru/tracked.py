@@ -10,8 +10,9 @@ penalty's), so the step's backward and the penalty's second-order gradient share
 transposed convs and two weight gradients. Autograd's route differentiates the recorded
 graph of the step and then of its create_graph VJP (a double backward: more convs, more maps).
 
-The passes come from a module of those names: the reference's, or for ``backend="native"`` on
-CPU :mod:`crbp_fast.hgru.native.tracked` (its fused plane passes, same results).
+The passes come from a module of those names: the reference's, or for ``backend="native"``
+:mod:`crbp_fast.hgru.native.tracked` where it runs (its fused plane passes: CPU, and CUDA float32
+on opt-in; the same results up to rounding).
 
 On CPU with the FFT engine the node saves the transforms of its forward convs' inputs for its
 backward (four spectra, 21 MB at B2-C25-150x150, through ``save_for_backward`` like every map),
@@ -141,7 +142,8 @@ class _TrackedStep(torch.autograd.Function):
 
 def passes_for(backend: str, x: Tensor):
     """The module of the explicit passes for ``backend`` (a resolved name) on x's device: the
-    native backend's fused CPU passes where they run, else the reference's (None)."""
+    native backend's fused plane passes where they run (:func:`crbp_fast.hgru.native.tracked.supported`),
+    else the reference's (None)."""
     if backend != "native":
         return None
     from .native import tracked as native_tracked

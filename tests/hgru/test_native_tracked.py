@@ -12,6 +12,7 @@ larger than a work chunk (8192 elements), so per-plane sums are merged across ch
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -217,12 +218,30 @@ def _cuda(spec):
                                         if getattr(spec, k) is not None})
 
 
+def test_the_cuda_passes_are_opt_in_and_not_deterministic(monkeypatch):
+    """Not yet run on a GPU: CUDA maps take the reference passes unless CRBP_FAST_CUDA_TRACKED=1,
+    and under torch.use_deterministic_algorithms (their sums are float64 atomics)."""
+    monkeypatch.setattr(N._C, "with_cuda", lambda: True)
+    cuda_map = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    monkeypatch.delenv(N.CUDA_SWITCH, raising=False)
+    assert not N.supported(cuda_map)
+    monkeypatch.setenv(N.CUDA_SWITCH, "1")
+    assert N.supported(cuda_map)
+    assert not N.supported(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not N.supported(cuda_map)
+    assert N.supported(torch.zeros(1))  # CPU: always
+
+
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("shape", [(3, 6, 131, 67), (2, 6, 211, 203)], ids=["small", "grid-stride"])
 @pytest.mark.parametrize("norm, groups", NORMS, ids=[n for n, _ in NORMS])
-def test_the_passes_on_cuda_match_the_reference(norm, groups, full_float32, monkeypatch):
-    """float32 on CUDA against the reference's ops on CUDA; planes of two chunks and more."""
-    p, x, h = problem(norm, groups, torch.float32, shape=(3, 6, 131, 67))
+def test_the_passes_on_cuda_match_the_reference(norm, groups, shape, full_float32, monkeypatch):
+    """float32 on CUDA against the reference's ops on CUDA; 211 x 203 pixels per plane is more
+    than one grid row of the plane kernels (128 blocks of 256 threads), so threads loop."""
+    monkeypatch.setenv(N.CUDA_SWITCH, "1")
+    p, x, h = problem(norm, groups, torch.float32, shape=shape)
     p = R.HGRUParams(*(_cuda(v) if isinstance(v, R.NormSpec) else v.cuda() for v in p))
     x, h = x.cuda(), h.cuda()
     rtol = 1e-4
@@ -239,6 +258,16 @@ def test_the_passes_on_cuda_match_the_reference(norm, groups, full_float32, monk
         for seed in (v, None):
             close_fields(N.lcp_tangent(w, f, t, m, p, v=seed), R.lcp_tangent(w, f, t, m, p, v=seed), rtol,
                          "lcp_tangent")
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_plane_sums_over_more_planes_than_a_grid_column():
+    """65535 planes per grid column: 2 x 33000 planes make the kernel stride over blockIdx.y."""
+    a, b = torch.randn(2, 33000, 1, 3, device="cuda"), torch.randn(2, 33000, 1, 3, device="cuda")
+    (sums,) = _C.plane_pass("plane_dot", [a, b])
+    assert_close(sums[..., 0], a.double().sum((2, 3)), 1e-6, name="sum a")
+    assert_close(sums[..., 1], (a.double() * b.double()).sum((2, 3)), 1e-6, name="sum a b")
 
 
 @pytest.mark.gpu

@@ -169,9 +169,10 @@ def test_tracked_step_backward_runs_only_the_terms_the_loss_uses(monkeypatch, ba
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (owed to the GPU run)")
 @pytest.mark.parametrize("backend", ["auto", "native"])
 @pytest.mark.parametrize("conv", ["direct", "fft"])
-def test_tracked_step_on_cuda_matches_autograd(conv, backend, full_float32):
+def test_tracked_step_on_cuda_matches_autograd(conv, backend, full_float32, monkeypatch):
     """On CUDA (cuFFT, the batched-matmul mix): the explicit node against autograd's route, with
-    the reference's passes ("auto": the Triton step) and the native CUDA plane passes."""
+    the reference's passes ("auto": the Triton step) and the native CUDA plane passes (opt-in)."""
+    monkeypatch.setenv("CRBP_FAST_CUDA_TRACKED", "1")
     if backend == "native":
         try:
             from crbp_fast.hgru.native import _C

@@ -5,24 +5,30 @@ Same names, arguments and results as :mod:`crbp_fast.hgru.reference` (where the 
 out): :func:`linearize_tracked`, :func:`column_sums`, :func:`step_vjp` and the five passes of
 :func:`~crbp_fast.hgru.reference.lcp_tangent` (:func:`tangent_gate_inh` ...
 :func:`tangent_vjp_gate_inh`; :func:`lcp_tangent` is the reference's composition of these). Each
-pass is one or two kernels over (b, c) planes (``csrc/cpu/plane_impl.h``) instead of tens of eager
-ops: every elementwise term of the pass, the per-plane sums of its parameter gradients and of its
-normalisation's statistics (reduced in float64) in one read of its maps. The rest stays in torch,
+pass is one kernel over (b, c) planes (``csrc/cpu/plane_impl.h``) instead of tens of eager ops:
+every elementwise term of the pass and the per-plane sums of its parameter gradients and of its
+normalisation's statistics (in float64) in one read of its maps; where a normalisation's tangent
+needs set means first, a reduction over two maps runs before it (``plane_dot``) and its VJP's
+tangent after it (``norm_vjp_tangent``), so ``tangent_excite_mix`` is three kernels. The rest stays in torch,
 as in the reference: the 1x1 mixes and pixel outer products (GEMMs), the convs (the conv engine),
 the reduction of the per-plane sums over each normalisation set ((B, C) arrays), and the gate
 g2 = sigma(U2 h1 + b2) of the forward.
 
 Memory traffic of the tangent's elementwise work, in (B, C, H, W) maps read or written (norm
-"batch", the 1x1 mixes and pixel outer products included): about 113 against about 600 for the
-reference's 200 eager ops.
+"batch", the 1x1 mixes and pixel outer products included): about 113, against roughly 500 for the
+reference's ~200 eager ops (each reads one or two maps and writes one).
 
 CPU (float32, float64) and, in a CUDA build, CUDA (float32: the same kernel bodies as device
-functions, one element per thread, csrc/cuda/hgru_cuda.cu; not yet run on a GPU, its tests are
-marked ``gpu``). Elsewhere the reference passes run.
+functions, one element per thread, csrc/cuda/hgru_cuda.cu). The CUDA passes have not yet run on
+a GPU: they are opt-in (``CRBP_FAST_CUDA_TRACKED=1``) until their ``gpu`` tests pass there, and
+off under ``torch.use_deterministic_algorithms`` (their per-plane sums are float64 atomics).
+Elsewhere the reference passes run. Results equal the reference's up to rounding (the per-plane
+sums are taken in float64).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -300,11 +306,20 @@ def lcp_tangent(w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUPara
     return reference.lcp_tangent(w, f, t, m, p, conv, conv_t, weight_grad, v, passes=sys.modules[__name__])
 
 
+#: Opt-in for the CUDA plane passes: not yet run on a GPU, they stay off until their gpu tests
+#: have passed there (``CRBP_FAST_CUDA_TRACKED=1`` turns them on).
+CUDA_SWITCH = "CRBP_FAST_CUDA_TRACKED"
+
+
 def supported(x: Tensor) -> bool:
     """Whether these passes run for maps like ``x``: CPU float32 / float64; CUDA float32 with a
-    CUDA build of the extension."""
-    if x.device.type == "cuda" and not _C.with_cuda():
-        return False
+    CUDA build of the extension, when ``CRBP_FAST_CUDA_TRACKED=1`` and outside
+    ``torch.use_deterministic_algorithms`` (the CUDA sums are float64 atomics, whose order varies)."""
+    if x.device.type == "cuda":
+        if not _C.with_cuda() or os.environ.get(CUDA_SWITCH) != "1":
+            return False
+        if torch.are_deterministic_algorithms_enabled():
+            return False
     return x.dtype in DTYPES.get(x.device.type, ())
 
 
