@@ -202,7 +202,8 @@ def phases_fn(cell, x: Tensor, algorithm: str, steps: int, adjoint_steps: int) -
                     penalty = lcp_from_step(state, h_prev, 0.9, create_graph=True)
                 (PENALTY_WEIGHT * penalty).backward(retain_graph=True)
                 mark("penalty")
-            lin = cell.linearize(x, h_prev.detach())
+            lin = cell.linearization_of(state) if explicit else None  # as fixed_point: the tracked step's factors
+            lin = lin if lin is not None else cell.linearize(x, h_prev.detach())
             g = neumann_adjoint(lin.vjp, dl_dh, max_steps=adjoint_steps, tol=0.0).solution
             mark("adjoint")
             state.backward(g)

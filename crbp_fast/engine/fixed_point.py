@@ -327,8 +327,10 @@ def fixed_point(
         use_linearize: use ``f.linearize`` for the adjoint and, for a single-tensor state,
             ``f.tracked_step(x, h, lcp_target or None)`` for the tracked step of rbp / crbp
             (one node for the step and the LCP penalty, with an explicit backward, as
-            :class:`~crbp_fast.HGRUCell` has); None: when f has them. False: autograd for all
-            of it, the penalty by double backward (the published algorithm).
+            :class:`~crbp_fast.HGRUCell` has), and then ``f.linearization_of(state)`` where f
+            has it and it returns one (the tracked step's own factors, so the adjoint runs no
+            second step); None: when f has them. False: autograd for all of it, the penalty by
+            double backward (the published algorithm).
         check_finite: raise ``FloatingPointError`` naming the step if the state turns NaN/inf.
         trace: record ``stats.trace`` (:class:`FixedPointTrace`): the relative residual of every
             forward evaluation per sample, and of every adjoint iteration of the last backward,
@@ -548,7 +550,10 @@ def _solve(
         x_point, h_point = _detach_drive(x), spec.unflatten([v.detach() for v in h_prev])
 
         def vjp_factory() -> Callable[[Tensor], Tensor]:
-            lin_vjp = f.linearize(x_point, h_point).vjp
+            # A cell whose tracked step already holds the factors at this point hands them over
+            # (HGRUCell.linearization_of): the adjoint then needs no second step.
+            lin = f.linearization_of(h_last[0]) if fused and hasattr(f, "linearization_of") else None
+            lin_vjp = (lin if lin is not None else f.linearize(x_point, h_point)).vjp
 
             def vjp(v: Tensor) -> Tensor:
                 if spec.single:

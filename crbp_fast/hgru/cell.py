@@ -272,6 +272,14 @@ class HGRUCell(nn.Module):
             penalty = lcp_from_step(out, h_in, lcp_target, create_graph=differentiable)
         return (out, penalty) if differentiable else (out.detach(), penalty.detach())
 
+    def linearization_of(self, state: Tensor) -> Linearization | None:
+        """The linearisation at the point of the :meth:`tracked_step` that returned ``state``,
+        from that step's factors (no second step, no conv): what :func:`crbp_fast.engine.fixed_point`
+        uses for its adjoint instead of :meth:`linearize` at the same (x, h). None where the
+        step's passes do not provide it (only the native backend's do), and then
+        :meth:`linearize` is the way."""
+        return tracked.linearization_of(state)
+
     @property
     def padding(self) -> int:
         """The 'same' padding of the horizontal convs (an attribute of the published module)."""

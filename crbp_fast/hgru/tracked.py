@@ -151,6 +151,29 @@ def passes_for(backend: str, x: Tensor):
     return native_tracked if native_tracked.supported(x) else None
 
 
+def linearization_of(state: Tensor):
+    """The linearisation (``.state``, ``.vjp(v) = J^T v``) at the point of the tracked step that
+    computed ``state``, from that step's own factors, when its passes provide one (the native
+    ones); None otherwise (no such step, the reference's passes, or its graph already freed).
+    The factors are the node's saved tensors: an in-place change of an input or a parameter
+    since the step makes autograd refuse them (RuntimeError), as it would in the backward."""
+    node = getattr(state, "grad_fn", None)
+    if not isinstance(node, _TrackedStep._backward_cls):
+        return None
+    cfg = node.cfg
+    make = getattr(cfg.passes, "linearization", None)
+    if make is None:
+        return None
+    try:
+        saved = node.saved_tensors
+    except RuntimeError as err:
+        if "freed" in str(err) or "second time" in str(err):
+            return None
+        raise
+    n, nf = node.inputs, len(reference.Factors._fields)
+    return make(reference.Factors(*saved[n:n + nf]), cfg.params, cfg.engine)
+
+
 def supported(x: Tensor, h: Tensor, p: HGRUParams) -> bool:
     """Whether the explicit passes run for these inputs (else the autograd route)."""
     if torch.is_autocast_enabled(x.device.type) or x.dtype not in DTYPES:
@@ -166,4 +189,4 @@ def tracked_step(x: Tensor, h: Tensor, p: HGRUParams, engine: ConvEngineLike,
     return _TrackedStep.apply(_Config(p, engine, target, passes or reference), x, h, *_tensors(p))
 
 
-__all__ = ["passes_for", "tracked_step", "supported"]
+__all__ = ["linearization_of", "passes_for", "tracked_step", "supported"]

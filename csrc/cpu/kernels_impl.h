@@ -624,7 +624,8 @@ constexpr KernelTable<T> kTable{
     &vjp_gate_inh<T>,   &spectral_mix<T>,  &spectral_outer<T>,
     {&plane_dot<T>, &tangent_gate_inh<T>, &tangent_inhibit<T>, &tangent_excite_mix<T>, &norm_vjp_tangent<T>,
      &tangent_vjp_inhibit<T>, &tangent_vjp_gate_inh<T>, &tracked_inhibit<T>, &tracked_excite_mix<T>,
-     &column_sums_excite_mix<T>, &column_sums_inhibit<T>, &step_vjp_excite_mix<T>, &step_vjp_inhibit<T>},
+     &column_sums_excite_mix<T>, &column_sums_inhibit<T>, &step_vjp_excite_mix<T>, &step_vjp_inhibit<T>,
+     &native_factors<T>},
 };
 
 }  // namespace

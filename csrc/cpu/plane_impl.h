@@ -342,6 +342,28 @@ CRBP_PLANE_SIMD_SUM(sa, sm, sx, sc)
   a.sums[svi::s_dc] = sc;
 }
 
+// The native VJP's factors (crbp_fast/hgru/native/hgru.py, Factors) from the tracked step's:
+// products of the reference factors, so the adjoint needs no second linearisation.
+template <typename T>
+CRBP_PLANE_FN void native_factors(const PlaneArgs<T>& a) {
+  const T *k_q = a.in[nfa::dq_coef], *k_c1 = a.in[nfa::dc1_coef], *k_hq = a.in[nfa::dh_q_coef];
+  const T *s_z = a.in[nfa::s_z], *g2 = a.in[nfa::g2], *s_e = a.in[nfa::s_e], *k_c2 = a.in[nfa::dc2_coef];
+  const T *k_h1 = a.in[nfa::dh1_coef], *hmh = a.in[nfa::hh_minus_h], *slope = a.in[nfa::g2_slope];
+  T *o_c1 = a.out[nfa::dh1_to_dc1], *o_h = a.out[nfa::dh1_to_dh], *o_c2 = a.out[nfa::v_to_dc2];
+  T *o_h1 = a.out[nfa::v_to_dh1], *o_m2 = a.out[nfa::v_to_dm2], *o_vh = a.out[nfa::v_to_dh];
+CRBP_PLANE_SIMD
+  for (int64_t i = 0; i < a.n; ++i) {
+    const T sz = s_z[i], g = g2[i];
+    const T de = sz * g * s_e[i];
+    o_c1[i] = k_q[i] * k_c1[i];
+    o_h[i] = k_q[i] * k_hq[i];
+    o_c2[i] = de * k_c2[i];
+    o_h1[i] = de * k_h1[i];
+    o_m2[i] = sz * hmh[i] * slope[i];
+    o_vh[i] = sz * (T(1) - g);
+  }
+}
+
 #undef CRBP_PLANE_FN
 #undef CRBP_PLANE_SIMD
 #undef CRBP_PLANE_SIMD_SUM

@@ -1,5 +1,6 @@
 // The plane passes of the tracked step (crbp_fast/hgru/reference.py: linearize_tracked,
-// column_sums, step_vjp and the five passes of lcp_tangent): elementwise passes over (b, c) planes with per-plane scalars and
+// column_sums, step_vjp and the five passes of lcp_tangent; native_factors turns its factors into
+// the native VJP's, crbp_fast/hgru/native/hgru.py): elementwise passes over (b, c) planes with per-plane scalars and
 // per-plane sums, the 1x1 mixes and convolutions left to the caller (crbp_fast/hgru/native/
 // tracked.py). One entry point runs them all (ops.cpp: plane_pass), so each pass is a row of the
 // table below and one kernel in plane_impl.h, not a new binding.
@@ -28,6 +29,7 @@ enum PlanePass : int {
   kColumnSumsInhibit,
   kStepVjpExciteMix,
   kStepVjpInhibit,
+  kNativeFactors,
   kPlanePasses,
 };
 
@@ -95,6 +97,10 @@ enum { dx, dc1, dh_out };
 enum { alpha };                                 // scalars
 enum { s_alpha, s_mu, s_dc_xhat, s_dc };        // sums
 }  // namespace svi
+namespace nfa {
+enum { dq_coef, dc1_coef, dh_q_coef, s_z, g2, s_e, dc2_coef, dh1_coef, hh_minus_h, g2_slope };
+enum { dh1_to_dc1, dh1_to_dh, v_to_dc2, v_to_dh1, v_to_dm2, v_to_dh };
+}  // namespace nfa
 
 constexpr PlanePassSpec kPlanePassSpecs[kPlanePasses] = {
     {"plane_dot", 2, 0, 0, 2, {"a", "b"}, {}, 0u, 0u},
@@ -129,6 +135,9 @@ constexpr PlanePassSpec kPlanePassSpecs[kPlanePasses] = {
      {"dm2", "dc2", "dh1", "dh"}, 1u << sve::xhat2, 0u},
     {"step_vjp_inhibit", 9, 3, 1, 4, {"dh1", "dh1_extra", "s_r", "dq_coef", "dc1_coef", "c1", "h", "dh", "xhat1"},
      {"dx", "dc1", "dh"}, (1u << svi::dh1_extra) | (1u << svi::xhat1), 0u},
+    {"native_factors", 10, 6, 0, 0,
+     {"dq_coef", "dc1_coef", "dh_q_coef", "s_z", "g2", "s_e", "dc2_coef", "dh1_coef", "hh_minus_h", "g2_slope"},
+     {"dh1_to_dc1", "dh1_to_dh", "v_to_dc2", "v_to_dh1", "v_to_dm2", "v_to_dh"}, 0u, 0u},
 };
 
 // One chunk of one plane: inputs and outputs offset to the chunk (a None input or skipped

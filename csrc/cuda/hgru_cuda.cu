@@ -520,6 +520,7 @@ __device__ __forceinline__ void plane_body(const cpu::PlaneArgs<float>& a) {
   else if constexpr (PASS == kColumnSumsInhibit) plane::column_sums_inhibit<float>(a);
   else if constexpr (PASS == kStepVjpExciteMix) plane::step_vjp_excite_mix<float>(a);
   else if constexpr (PASS == kStepVjpInhibit) plane::step_vjp_inhibit<float>(a);
+  else if constexpr (PASS == kNativeFactors) plane::native_factors<float>(a);
   static_assert(PASS >= 0 && PASS < kPlanePasses, "a plane pass of plane_passes.h");
 }
 
@@ -913,12 +914,12 @@ std::vector<Tensor> plane_pass(int pass, const std::vector<Tensor>& in, const Te
     break;
     CRBP_PLANE_CASE(0) CRBP_PLANE_CASE(1) CRBP_PLANE_CASE(2) CRBP_PLANE_CASE(3) CRBP_PLANE_CASE(4)
     CRBP_PLANE_CASE(5) CRBP_PLANE_CASE(6) CRBP_PLANE_CASE(7) CRBP_PLANE_CASE(8) CRBP_PLANE_CASE(9)
-    CRBP_PLANE_CASE(10) CRBP_PLANE_CASE(11) CRBP_PLANE_CASE(12)
+    CRBP_PLANE_CASE(10) CRBP_PLANE_CASE(11) CRBP_PLANE_CASE(12) CRBP_PLANE_CASE(13)
 #undef CRBP_PLANE_CASE
     default:
       TORCH_CHECK(false, spec.name, ": no CUDA kernel for plane pass ", pass);
   }
-  static_assert(cpu::kPlanePasses == 13, "a new plane pass needs its case above");
+  static_assert(cpu::kPlanePasses == 14, "a new plane pass needs its case above");
   if (spec.n_sums > 0) out.push_back(sums);
   return out;
 }

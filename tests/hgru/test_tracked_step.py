@@ -193,3 +193,74 @@ def test_tracked_step_on_cuda_matches_autograd(conv, backend, full_float32, monk
     assert_close(pen, ref_pen, rtol=1e-5, name="penalty")
     for name, a, b in zip(["x"] + [n for n, _ in cell.named_parameters()], got, want):
         assert_close(a, b, rtol=2e-4, atol=1e-7, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# The adjoint's linearisation from the tracked step's factors (HGRUCell.linearization_of)
+
+
+@pytest.mark.skipif(not _native_built(), reason="built without the native extension (CRBP_FAST_NO_EXT=1)")
+@pytest.mark.parametrize("norm, groups", [("batch", 1), ("group", 2), ("none", 1)])
+def test_linearization_of_the_tracked_step_is_the_linearization_there(norm, groups):
+    """backend="native": the VJP from the tracked step's factors equals cell.linearize(x, h)'s."""
+    cell, x, h = make(norm, groups, "fft", backend="native")
+    out, _ = cell.tracked_step(x, h.clone().requires_grad_(), 0.5)
+    lin, want = cell.linearization_of(out), cell.linearize(x, h)
+    assert lin is not None
+    assert_close(lin.state, want.state, rtol=1e-13, name="state")
+    for _ in range(2):
+        v = torch.randn_like(x)
+        assert_close(lin.vjp(v), want.vjp(v), rtol=1e-12, name="vjp")
+
+
+def test_linearization_of_is_none_where_it_does_not_apply():
+    cell, x, h = make("batch", 1, "direct", backend="torch")  # the reference's passes: no factors to convert
+    out = cell.tracked_step(x, h.clone().requires_grad_())
+    assert cell.linearization_of(out) is None
+    assert cell.linearization_of(cell(x, h)) is None  # not a tracked step's output
+    assert cell.linearization_of(torch.zeros(1)) is None
+    if _native_built():
+        native_cell, _, _ = make("batch", 1, "direct", backend="native")
+        out = native_cell.tracked_step(x, h.clone().requires_grad_())
+        out.sum().backward()  # the graph, and the factors with it, are freed
+        assert native_cell.linearization_of(out) is None
+
+
+@pytest.mark.skipif(not _native_built(), reason="built without the native extension (CRBP_FAST_NO_EXT=1)")
+def test_linearization_of_refuses_a_parameter_changed_since_the_step():
+    cell, x, h = make("batch", 1, "direct", backend="native")
+    out = cell.tracked_step(x, h.clone().requires_grad_())
+    with torch.no_grad():
+        cell.alpha.add_(0.1)  # the factors no longer belong to the cell's parameters
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        cell.linearization_of(out)
+
+
+@pytest.mark.skipif(not _native_built(), reason="built without the native extension (CRBP_FAST_NO_EXT=1)")
+@pytest.mark.parametrize("algorithm", ["rbp", "crbp"])
+def test_fixed_point_takes_the_adjoint_linearization_from_the_tracked_step(algorithm, monkeypatch):
+    """fixed_point with backend="native" runs no second linearisation, and its gradients equal
+    the ones with cell.linearize at the same point."""
+    from crbp_fast import fixed_point
+    from crbp_fast.hgru import cell as cell_module
+
+    cell, x, _ = make("batch", 1, "fft", shape=(2, 4, 10, 13), k=5, backend="native")
+
+    def gradients():
+        xx = x.clone().requires_grad_()
+        res = fixed_point(cell, xx, steps=6, algorithm=algorithm, adjoint_steps=30, adjoint_tol=0.0,
+                          lcp_target=0.5)
+        loss = res.state.square().mean() + (3.0 * res.penalty if res.penalty is not None else 0.0)
+        return torch.autograd.grad(loss, (xx, *cell.parameters()))
+
+    calls = []
+    linearize = cell_module.HGRUCell.linearize
+    monkeypatch.setattr(cell_module.HGRUCell, "linearize",
+                        lambda self, *a: calls.append("linearize") or linearize(self, *a))
+    reused = gradients()
+    assert calls == []
+    monkeypatch.setattr(cell_module.HGRUCell, "linearization_of", lambda self, state: None)
+    again = gradients()
+    assert calls == ["linearize"]
+    for name, a, b in zip(["x"] + [n for n, _ in cell.named_parameters()], reused, again):
+        assert_close(a, b, rtol=1e-12, name=name)

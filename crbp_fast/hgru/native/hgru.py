@@ -378,6 +378,17 @@ class NativeLinearization:
         self.state = self._factors.state
         self._workspace = (torch.empty_like(self.state), torch.empty_like(self.state))
 
+    @classmethod
+    def from_factors(cls, p: HGRUParams, factors: Factors, conv: ConvEngineLike) -> "NativeLinearization":
+        """The linearisation whose factors are already computed (the tracked step's, converted by
+        :func:`crbp_fast.hgru.native.tracked.linearization`): no step, no conv."""
+        self = cls.__new__(cls)
+        self._params, self._conv, self._factors = p, conv, factors
+        self._prepared = _prepare(p, factors.state)
+        self.state = factors.state
+        self._workspace = (torch.empty_like(self.state), torch.empty_like(self.state))
+        return self
+
     def vjp(self, v: Tensor) -> Tensor:
         with torch.no_grad():
             return _vjp(

@@ -39,7 +39,8 @@ from .. import reference
 from ..reference import (ColumnSumMaps, ConvFn, ExciteTangent, Factors, HGRUParams, InhibitTangent, NormSpec,
                          StepGrads, Tracked, VjpInhibitTangent, _mix, _mix_t, _pixel_outer, conv_same,
                          conv_same_transpose, conv_same_weight_grad, lcp_weights)
-from .hgru import _C, _bcast_stats, _mat, _opmath, _vec, norm_vjp
+from .hgru import Factors as NativeFactors
+from .hgru import NativeLinearization, _C, _bcast_stats, _mat, _opmath, _vec, norm_vjp
 
 #: The dtypes of these passes per device (CUDA: when the extension was built with CUDA).
 DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
@@ -300,6 +301,27 @@ def tangent_vjp_gate_inh(dhg_t: Tensor, dh_t: Tensor, w: Tensor, g1_t: Tensor, f
     return dh_t, du1, dm1_t.sum(dim=(0, 2, 3))
 
 
+def linearization(f: Factors, p: HGRUParams, conv) -> "NativeLinearization":
+    """The native linearisation (its VJP J^T v) at the tracked step's point, from the tracked
+    step's factors: one plane pass of products (``native_factors``) instead of a second step
+    with its two convs. ``conv`` is the conv engine (its transposed conv runs in every VJP)."""
+    b, c = f.state.shape[:2]
+
+    def planes(invstd: Tensor | None) -> Tensor | None:
+        return None if invstd is None else _planes(invstd, b, c).to(_opmath(f.state)).contiguous()
+
+    with torch.no_grad():
+        dh1_to_dc1, dh1_to_dh, v_to_dc2, v_to_dh1, v_to_dm2, v_to_dh = _pass(
+            "native_factors", [f.dq_coef, f.dc1_coef, f.dh_q_coef, f.s_z, f.g2, f.s_e, f.dc2_coef, f.dh1_coef,
+                               f.hh_minus_h, f.g2_slope])
+        factors = NativeFactors(
+            state=f.state, g1=f.g1, dhg_to_dm1=f.hg1_slope, xhat1=f.xhat1, invstd1=planes(f.invstd1),
+            dh1_to_dc1=dh1_to_dc1, dh1_to_dh=dh1_to_dh, xhat2=f.xhat2, invstd2=planes(f.invstd2), v_to_dc2=v_to_dc2,
+            v_to_dh1=v_to_dh1, v_to_dm2=v_to_dm2, v_to_dh=v_to_dh,
+        )
+    return NativeLinearization.from_factors(p, factors, conv)
+
+
 def lcp_tangent(w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
                 conv_t=reference.conv_same_transpose, weight_grad=None, v: Tensor | None = None):
     """:func:`reference.lcp_tangent` with the passes of this module."""
@@ -324,6 +346,6 @@ def supported(x: Tensor) -> bool:
 
 
 __all__ = [
-    "column_sums", "lcp_tangent", "lcp_weights", "linearize_tracked", "step_vjp", "supported", "tangent_excite_mix",
+    "column_sums", "lcp_tangent", "lcp_weights", "linearization", "linearize_tracked", "step_vjp", "supported", "tangent_excite_mix",
     "tangent_gate_inh", "tangent_inhibit", "tangent_vjp_gate_inh", "tangent_vjp_inhibit",
 ]
