@@ -49,6 +49,23 @@ def _seed_and_poison(monkeypatch):
 
 
 @pytest.fixture
+def nan_filled_outputs(monkeypatch):
+    """Every output the native extension allocates is NaN-filled before its kernel runs
+    (CRBP_FAST_DEBUG_NAN_FILL=1), so an element a kernel does not write fails assert_close.
+    Test files of the extension use it for all their tests (``pytestmark``)."""
+    monkeypatch.setenv("CRBP_FAST_DEBUG_NAN_FILL", "1")
+
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    """The test at 1 and at 2 torch threads (the kernels split work with at::parallel_for)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def full_float32():
     """No TF32 in cuDNN convolutions or in matmuls, so every engine computes the same float32
     math; restored after. (monkeypatch cannot do this: torch's backend flags are properties of

@@ -72,14 +72,15 @@ __device__ __forceinline__ float sigmoid(float x) {
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
-__device__ float block_sum(float v) {
-  __shared__ float partial[32];
+template <typename V>
+__device__ V block_sum(V v) {
+  __shared__ V partial[32];
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) partial[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < (blockDim.x >> 5) ? partial[lane] : 0.0f;
+    v = lane < (blockDim.x >> 5) ? partial[lane] : V(0);
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
     if (lane == 0) partial[0] = v;
   }
@@ -487,23 +488,6 @@ struct PlanePointers {
   double* sums;
 };
 
-__device__ double block_sum_double(double v) {
-  __shared__ double partial[32];
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < (blockDim.x >> 5) ? partial[lane] : 0.0;
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) partial[0] = v;
-  }
-  __syncthreads();
-  v = partial[0];
-  __syncthreads();
-  return v;
-}
-
 template <int PASS>
 __device__ __forceinline__ void plane_body(const cpu::PlaneArgs<float>& a) {
   using namespace cpu;
@@ -559,7 +543,7 @@ __global__ void plane_pass_kernel(PlanePointers p, int64_t planes, int64_t hw) {
     }
 #pragma unroll
     for (int k = 0; k < spec.n_sums; ++k) {
-      const double v = block_sum_double(total[k]);
+      const double v = block_sum(total[k]);
       if (threadIdx.x == 0) atomicAdd(p.sums + plane * spec.n_sums + k, v);
     }
   }

@@ -45,17 +45,8 @@ gpu = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _nan_filled_outputs(monkeypatch):
-    monkeypatch.setenv("CRBP_FAST_DEBUG_NAN_FILL", "1")
-
-
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+# conftest's fixture for every test here: NaN-filled extension outputs.
+pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
 
 def make_problem(shape, k, norm, *, dtype=torch.float64, device=CPU, backend="native", conv="direct"):

@@ -39,17 +39,8 @@ SMALL = (3, 6, 13, 11)
 LARGE = (2, 3, 97, 91)  # 8827 pixels per plane: two chunks
 
 
-@pytest.fixture(autouse=True)
-def _nan_filled_outputs(monkeypatch):
-    monkeypatch.setenv("CRBP_FAST_DEBUG_NAN_FILL", "1")
-
-
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+# conftest's fixture for every test here: NaN-filled extension outputs.
+pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
 
 def problem(norm, groups, dtype, shape=SMALL, k=5, seed=0):

@@ -50,9 +50,8 @@ RTOL = {torch.float32: 3e-6, torch.float64: 1e-13}
 SIZES = [(3, 5, 7, 7, 5), (1, 4, 4, 8, 4), (9, 3, 2, 5, 13), (2, 1, 6, 3, 3)]
 
 
-@pytest.fixture(autouse=True)
-def _nan_fill(monkeypatch):
-    monkeypatch.setenv("CRBP_FAST_DEBUG_NAN_FILL", "1")
+# conftest's fixture for every test here: NaN-filled extension outputs.
+pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
 
 
 @contextlib.contextmanager
