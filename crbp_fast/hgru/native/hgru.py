@@ -40,6 +40,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import Backend, ConvEngineLike, Linearization, PassLinearization, register_backend
+from ..plane_tracked import bcast_stats as _bcast_stats
+from ..plane_tracked import opmath as _opmath
 from ..reference import ConvFn, HGRUParams, NormSpec, conv_same, conv_same_transpose
 
 BUILD_HINT = (
@@ -60,10 +62,6 @@ _reference_logged: set[tuple[str, torch.dtype]] = set()
 
 # --------------------------------------------------------------------------------------------
 # Argument preparation: maps contiguous, parameters flat in the compute ("opmath") dtype
-
-
-def _opmath(like: Tensor) -> torch.dtype:
-    return torch.float64 if like.dtype == torch.float64 else torch.float32
 
 
 def _map(t: Tensor) -> Tensor:
@@ -109,13 +107,6 @@ def _prepare(p: HGRUParams, like: Tensor) -> _Prepared:
         _vec(p.alpha, like), _vec(p.mu, like), _vec(p.kappa, like), _vec(p.gamma, like), _vec(p.omega, like),
         _norm_args(p.norm_inh, like), _norm_args(p.norm_exc, like),
     )
-
-
-def _bcast_stats(t: Tensor, spec: NormSpec) -> Tensor:
-    """(B, C) statistics in the reference's shape: (1, C, 1, 1) for "batch", (B, C, 1, 1) for "group"."""
-    if spec.kind == "batch":
-        t = t[:1]
-    return t.reshape(t.shape[0], t.shape[1], 1, 1)
 
 
 # --------------------------------------------------------------------------------------------
