@@ -690,7 +690,8 @@ def lcp_tangent(
     backward and the penalty's gradient in one pass, sharing its convs and weight gradients.
 
     ``passes``: the module (or any object) whose five functions of those names run the passes,
-    this one by default (:mod:`crbp_fast.hgru.native.tracked` has fused ones)."""
+    this one by default (:mod:`crbp_fast.hgru.native.tracked` and
+    :mod:`crbp_fast.hgru.triton.tracked` have fused ones)."""
     ps = passes or sys.modules[__name__]
     weight_grad = weight_grad or conv_same_weight_grad
     k = p.w_inh.shape[-1]

@@ -10,9 +10,10 @@ penalty's), so the step's backward and the penalty's second-order gradient share
 transposed convs and two weight gradients. Autograd's route differentiates the recorded
 graph of the step and then of its create_graph VJP (a double backward: more convs, more maps).
 
-The passes come from a module of those names: the reference's, or for ``backend="native"``
-:mod:`crbp_fast.hgru.native.tracked` where it runs (its fused plane passes: CPU, and CUDA float32
-on opt-in; the same results up to rounding).
+The passes come from a module of those names: the reference's, or a fused backend's plane
+passes where they run (:mod:`crbp_fast.hgru.plane_tracked`, the same results up to rounding):
+for ``backend="native"`` :mod:`crbp_fast.hgru.native.tracked` (CPU, and CUDA float32 on opt-in),
+for ``backend="triton"`` (``"auto"`` on CUDA) :mod:`crbp_fast.hgru.triton.tracked`.
 
 On CPU with the FFT engine the node saves the transforms of its forward convs' inputs for its
 backward (four spectra, 21 MB at B2-C25-150x150, through ``save_for_backward`` like every map),
@@ -141,14 +142,16 @@ class _TrackedStep(torch.autograd.Function):
 
 
 def passes_for(backend: str, x: Tensor):
-    """The module of the explicit passes for ``backend`` (a resolved name) on x's device: the
-    native backend's fused plane passes where they run (:func:`crbp_fast.hgru.native.tracked.supported`),
-    else the reference's (None)."""
-    if backend != "native":
+    """The module of the explicit passes for ``backend`` (a resolved name) on x's device: a fused
+    backend's plane passes where they run (:func:`crbp_fast.hgru.native.tracked.supported`,
+    :func:`crbp_fast.hgru.triton.tracked.supported`), else the reference's (None)."""
+    if backend == "native":
+        from .native import tracked as fused
+    elif backend == "triton":
+        from .triton import tracked as fused
+    else:
         return None
-    from .native import tracked as native_tracked
-
-    return native_tracked if native_tracked.supported(x) else None
+    return fused if fused.supported(x) else None
 
 
 def linearization_of(state: Tensor):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import CPU_ISAS, assert_close, cpu_isa, cpu_runs
+from tracked_cases import DTYPES, NORMS, RTOL, SMALL, close, close_fields, point, problem, random_like
 
 from crbp_fast import HGRUCell
 from crbp_fast.hgru import reference as R
@@ -32,65 +33,11 @@ except ImportError as err:
         pytest.skip(f"built without the native extension (CRBP_FAST_NO_EXT=1): {err}", allow_module_level=True)
     raise
 
-NORMS = [("batch", 1), ("group", 3), ("none", 1)]
-DTYPES = (torch.float32, torch.float64)
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-SMALL = (3, 6, 13, 11)
 LARGE = (2, 3, 97, 91)  # 8827 pixels per plane: two chunks
 
 
 # conftest's fixture for every test here: NaN-filled extension outputs.
 pytestmark = pytest.mark.usefixtures("nan_filled_outputs")
-
-
-def problem(norm, groups, dtype, shape=SMALL, k=5, seed=0):
-    torch.manual_seed(seed)
-    cell = HGRUCell(shape[1], k, norm=norm, norm_groups=groups, dtype=dtype)
-    with torch.no_grad():
-        for p in cell.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    x, h = torch.randn(shape, dtype=dtype), torch.rand(shape, dtype=dtype)
-    return cell.params(), x, h
-
-
-def close(got, want, rtol, name):
-    """assert_close over tensors, tuples of them and None (which must match None)."""
-    if want is None or got is None:
-        assert got is None and want is None, f"{name}: {got!r} against {want!r}"
-    elif isinstance(want, tuple):
-        assert isinstance(got, tuple) and len(got) == len(want), name
-        for i, (g, w) in enumerate(zip(got, want)):
-            close(g, w, rtol, f"{name}[{i}]")
-    else:
-        assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape, got.dtype)
-        assert_close(got, want, rtol, name=name)
-
-
-def close_fields(got, want, rtol, prefix):
-    for field in type(want)._fields:
-        close(getattr(got, field), getattr(want, field), rtol, f"{prefix}.{field}")
-
-
-def random_like(nt, like, scale=1.0):
-    """A NamedTuple of fresh random maps shaped like ``nt``'s tensors (None stays None; the
-    per-plane statistics stay as they are: an invstd must be positive)."""
-    out = []
-    for v in nt:
-        if isinstance(v, torch.Tensor) and v.shape == like.shape:
-            out.append(scale * torch.randn_like(v))
-        else:
-            out.append(v)
-    return type(nt)(*out)
-
-
-def point(norm, groups, dtype, shape=SMALL):
-    """Consistent factors and maps at a point (so the statistics are real ones), then fresh
-    random tangent inputs."""
-    p, x, h = problem(norm, groups, dtype, shape)
-    with torch.no_grad():
-        f, t = R.linearize_tracked(x, h, p)
-        _, m = R.column_sums(f, p)
-    return p, x, h, f, t, m
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -4,6 +4,8 @@ for the penalty), on odd sizes, every norm, both conv engines."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import assert_close
@@ -23,7 +25,9 @@ def _native_built() -> bool:
 
 # The native backend's fused passes, where the extension is built (CRBP_FAST_NO_EXT=1 builds none).
 BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
-    not _native_built(), reason="built without the native extension (CRBP_FAST_NO_EXT=1)"))]
+    not _native_built(), reason="built without the native extension (CRBP_FAST_NO_EXT=1)")),
+    pytest.param("triton", marks=pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
 CASES = [("batch", 1, "direct"), ("group", 2, "direct"), ("none", 1, "direct"), ("batch", 1, "fft")]
 
 
@@ -40,7 +44,8 @@ def make(norm, groups, conv, dtype=F64, shape=(3, 4, 11, 13), k=5, backend="auto
 @pytest.mark.parametrize("norm, groups, conv", CASES, ids=[f"{n}-{c}" for n, _, c in CASES])
 @pytest.mark.parametrize("terms", ["both", "state", "penalty"])
 def test_tracked_step_gradients_match_autograd(norm, groups, conv, terms, backend):
-    """backend="torch": the reference passes; "native": its fused CPU passes (native/tracked.py)."""
+    """backend="torch": the reference passes; "native": its fused CPU passes (native/tracked.py);
+    "triton": its plane kernels (triton/tracked.py; on CPU under the interpreter)."""
     cell, x, h = make(norm, groups, conv, backend=backend)
     v = torch.randn_like(x)
     target = 0.5  # some column sums above, some below
@@ -147,8 +152,10 @@ def test_tracked_step_backward_runs_only_the_terms_the_loss_uses(monkeypatch, ba
     zero weight (autograd would otherwise hand the unused output a zero gradient)."""
     if backend == "torch":
         from crbp_fast.hgru import reference as passes
-    else:
+    elif backend == "native":
         from crbp_fast.hgru.native import tracked as passes
+    else:
+        from crbp_fast.hgru.triton import tracked as passes
 
     calls = []
     for name in ("step_vjp", "lcp_tangent"):
@@ -171,7 +178,7 @@ def test_tracked_step_backward_runs_only_the_terms_the_loss_uses(monkeypatch, ba
 @pytest.mark.parametrize("conv", ["direct", "fft"])
 def test_tracked_step_on_cuda_matches_autograd(conv, backend, full_float32, monkeypatch):
     """On CUDA (cuFFT, the batched-matmul mix): the explicit node against autograd's route, with
-    the reference's passes ("auto": the Triton step) and the native CUDA plane passes (opt-in)."""
+    the Triton plane passes ("auto": the Triton backend) and the native CUDA plane passes (opt-in)."""
     monkeypatch.setenv("CRBP_FAST_CUDA_TRACKED", "1")
     if backend == "native":
         try:

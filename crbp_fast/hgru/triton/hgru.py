@@ -398,6 +398,16 @@ class TritonLinearization:
             self._factors = linearize(x, h, self._params, engine.conv)
         self.state = self._factors.state
 
+    @classmethod
+    def from_factors(cls, params: HGRUParams, factors: Factors, engine: ConvEngineLike) -> "TritonLinearization":
+        """The linearisation whose factors are already computed (the tracked step's, converted by
+        :func:`crbp_fast.hgru.triton.tracked.linearization`; float32 / float64, so no cast): no
+        step, no conv."""
+        self = cls.__new__(cls)
+        self._params, self._engine, self._factors = params, engine, factors
+        self.state = factors.state
+        return self
+
     def vjp(self, v: Tensor) -> Tensor:
         with torch.no_grad():
             return vjp(v, self._factors, self._params, self._engine.conv_transpose)
