@@ -27,6 +27,7 @@ reference's up to rounding (the per-plane sums are taken in float64).
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
@@ -37,6 +38,17 @@ from . import reference
 from .reference import (ColumnSumMaps, ConvFn, ExciteTangent, Factors, HGRUParams, InhibitTangent, NormSpec,
                         StepGrads, Tracked, VjpInhibitTangent, _mix, _mix_t, _pixel_outer, conv_same,
                         conv_same_transpose, conv_same_weight_grad)
+
+
+#: Opt-in for the fused tracked passes on CUDA (native and Triton): not yet run on a GPU, they
+#: stay off there until their gpu tests have passed (``CRBP_FAST_CUDA_TRACKED=1`` turns them on);
+#: CUDA then runs the reference's passes (torch ops).
+CUDA_SWITCH = "CRBP_FAST_CUDA_TRACKED"
+
+
+def cuda_opted_in() -> bool:
+    """Whether ``CRBP_FAST_CUDA_TRACKED=1`` is set (:data:`CUDA_SWITCH`)."""
+    return os.environ.get(CUDA_SWITCH) == "1"
 
 
 def opmath(like: Tensor) -> torch.dtype:
@@ -374,4 +386,4 @@ PASS_NAMES = (
     "tangent_inhibit", "tangent_vjp_gate_inh", "tangent_vjp_inhibit",
 )
 
-__all__ = ["PASS_NAMES", "PlaneKernels", "PlanePasses", "bcast_stats", "opmath", "set_mean"]
+__all__ = ["CUDA_SWITCH", "PASS_NAMES", "cuda_opted_in", "PlaneKernels", "PlanePasses", "bcast_stats", "opmath", "set_mean"]

@@ -18,6 +18,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -38,6 +39,12 @@ BLOCKS3 = (2, 3, 20, 17)  # 340 pixels: three blocks per plane under the interpr
 # On the GPU, float32 convs and matmuls may differ from the CPU reference in TF32 unless the
 # tests' full_float32 fixture is on; these tests compare passes on one device, so rounding only.
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def _cuda_opt_in(monkeypatch):
+    """On CUDA the passes are opt-in until their gpu tests have passed there: these tests opt in."""
+    monkeypatch.setenv(T.CUDA_SWITCH, "1")
 
 
 def on_dev(nt):
@@ -162,6 +169,18 @@ def test_fixed_point_gradients_with_the_triton_passes_match_the_torch_backend(al
     assert len(made) == 1 and isinstance(made[0], triton_hgru.TritonLinearization)
     for i, (a, b) in enumerate(zip(*grads)):
         assert_close(b, a, 1e-10, name=f"grad {i}")
+
+
+def test_the_cuda_passes_are_opt_in(monkeypatch):
+    """Not yet run on a GPU: CUDA maps take the reference passes unless CRBP_FAST_CUDA_TRACKED=1
+    (the interpreter's CPU maps always take these)."""
+    monkeypatch.setattr(triton_hgru, "unavailable_reason", lambda device: "")
+    cuda_map = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, shape=(2, 4, 5, 5),
+                                     dim=lambda: 4)
+    assert T.supported(cuda_map)
+    monkeypatch.delenv(T.CUDA_SWITCH)
+    assert not T.supported(cuda_map)
+    assert T.supported(torch.zeros(2, 4, 5, 5))
 
 
 def test_passes_for_picks_the_triton_passes_where_they_run():

@@ -16,13 +16,12 @@ sums are taken in float64).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 from torch import Tensor
 
-from ..plane_tracked import PASS_NAMES, PlanePasses
+from ..plane_tracked import CUDA_SWITCH, PASS_NAMES, PlanePasses, cuda_opted_in
 from ..reference import ColumnSumMaps, ConvFn, Factors, HGRUParams, NormSpec, Tracked, conv_same, lcp_weights
 from ..reference import conv_same_transpose
 from .hgru import Factors as NativeFactors
@@ -85,21 +84,16 @@ def lcp_tangent(w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUPara
     return PASSES.lcp_tangent(w, f, t, m, p, conv, conv_t, weight_grad, v, passes=sys.modules[__name__])
 
 
-#: Opt-in for the CUDA plane passes: not yet run on a GPU, they stay off until their gpu tests
-#: have passed there (``CRBP_FAST_CUDA_TRACKED=1`` turns them on).
-CUDA_SWITCH = "CRBP_FAST_CUDA_TRACKED"
-
-
 def supported(x: Tensor) -> bool:
     """Whether these passes run for maps like ``x``: CPU float32 / float64; CUDA float32 with a
     CUDA build of the extension, when ``CRBP_FAST_CUDA_TRACKED=1`` and outside
     ``torch.use_deterministic_algorithms`` (the CUDA sums are float64 atomics, whose order varies)."""
     if x.device.type == "cuda":
-        if not _C.with_cuda() or os.environ.get(CUDA_SWITCH) != "1":
+        if not _C.with_cuda() or not cuda_opted_in():
             return False
         if torch.are_deterministic_algorithms_enabled():
             return False
     return x.dtype in DTYPES.get(x.device.type, ())
 
 
-__all__ = ["PASSES", "lcp_tangent", "lcp_weights", "supported", *PASS_NAMES]
+__all__ = ["CUDA_SWITCH", "PASSES", "lcp_tangent", "lcp_weights", "supported", *PASS_NAMES]

@@ -10,6 +10,8 @@ of the pass that wrote its input (one apply pass) where that pass took them, els
 first. Per-plane sums are float64 partials per block of a plane, added on the host; no atomics,
 so the results are deterministic. Results equal the reference's up to rounding.
 
+Not yet run on a GPU (only compiled for sm_90, in the tests): on CUDA they are opt-in
+(``CRBP_FAST_CUDA_TRACKED=1``, as the native CUDA passes) until their gpu tests pass there.
 Dtypes float32 and float64 (the tracked node's); cells of at most
 :data:`~crbp_fast.hgru.triton.hgru.MAX_CHANNELS` channels (the gate kernels hold every channel).
 """
@@ -22,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..plane_tracked import PASS_NAMES, PlanePasses, opmath, set_mean
+from ..plane_tracked import CUDA_SWITCH, PASS_NAMES, PlanePasses, cuda_opted_in, opmath, set_mean
 from ..reference import ColumnSumMaps, ConvFn, Factors, HGRUParams, NormSpec, Tracked, conv_same
 from ..reference import conv_same_transpose, lcp_weights
 from . import hgru as triton_hgru
@@ -207,10 +209,13 @@ DTYPES = (torch.float32, torch.float64)
 
 def supported(x: Tensor) -> bool:
     """Whether these passes run for maps like ``x``: float32 / float64 on a device the Triton
-    backend runs on (CUDA; CPU under the interpreter), at most MAX_CHANNELS channels."""
+    backend runs on (CPU under the interpreter; CUDA when ``CRBP_FAST_CUDA_TRACKED=1``, until
+    their gpu tests have passed on a GPU), at most MAX_CHANNELS channels."""
     if x.dtype not in DTYPES or x.dim() != 4 or x.shape[1] > MAX_CHANNELS:
+        return False
+    if x.device.type == "cuda" and not cuda_opted_in():
         return False
     return triton_hgru.unavailable_reason(x.device) == ""
 
 
-__all__ = ["PASSES", "SPECS", "lcp_tangent", "lcp_weights", "plane_pass", "supported", *PASS_NAMES]
+__all__ = ["CUDA_SWITCH", "PASSES", "SPECS", "lcp_tangent", "lcp_weights", "plane_pass", "supported", *PASS_NAMES]
