@@ -144,14 +144,14 @@ class _NormTangent:
     """A normalisation's tangent statistics: per-plane invstd, the set means of c_t and xhat c_t,
     and the relative tangent of invstd (for kind "none": 1, 0, 0 and None)."""
 
-    def __init__(self, k: PlaneKernels, c_raw_t: Tensor, xhat: Tensor | None, invstd: Tensor | None,
+    def __init__(self, passes: "PlanePasses", c_raw_t: Tensor, xhat: Tensor | None, invstd: Tensor | None,
                  spec: NormSpec):
         b, c, hgt, wid = c_raw_t.shape
         self.none = spec.kind == "none"
         if self.none:
             self.invstd, self.mean_t, self.mean_xt, self.weight, self.rel_t = 1.0, 0.0, 0.0, 1.0, None
             return
-        (sums,) = k.plane_pass("plane_dot", [c_raw_t, xhat])
+        (sums,) = passes._pass("plane_dot", [c_raw_t, xhat])
         self.invstd = _planes(invstd, b, c).double()
         self.mean_t = set_mean(sums[..., 0], spec, hgt * wid)
         self.mean_xt = set_mean(sums[..., 1], spec, hgt * wid)
@@ -299,7 +299,7 @@ class PlanePasses:
     def tangent_inhibit(self, c1_raw_t: Tensor, w: Tensor, f: Factors, t: Tracked, p: HGRUParams) -> InhibitTangent:
         """:func:`reference.tangent_inhibit`: the inh norm's tangent statistics, one plane pass,
         then the U2 mix of h1_t for g2_t."""
-        nt = _NormTangent(self.k, c1_raw_t, f.xhat1, f.invstd1, p.norm_inh)
+        nt = _NormTangent(self, c1_raw_t, f.xhat1, f.invstd1, p.norm_inh)
         scalars = _per_plane([nt.invstd, nt.mean_t, nt.mean_xt, nt.weight, p.alpha], c1_raw_t)
         xhat1_t, c1_t, q_t, r_t, h1_t = self._pass(
             "tangent_inhibit", [c1_raw_t, f.xhat1, f.dc1_coef, t.c1, w, t.s_q, t.s_r], scalars,
@@ -314,7 +314,7 @@ class PlanePasses:
         """:func:`reference.tangent_excite_mix`: the exc norm's tangent statistics, one plane pass
         (every map and per-plane sum), the norm VJP's tangent pass, and in torch the U2 terms."""
         spec = p.norm_exc
-        nt = _NormTangent(self.k, c2_raw_t, f.xhat2, f.invstd2, spec)
+        nt = _NormTangent(self, c2_raw_t, f.xhat2, f.invstd2, spec)
         scalars = _per_plane([nt.invstd, nt.mean_t, nt.mean_xt, nt.weight, p.kappa, p.gamma, p.omega], c2_raw_t)
         xhat2_t, dc2_t, dh1_t, dh_t, dm2_t, sums = self._pass(
             "tangent_excite_mix",

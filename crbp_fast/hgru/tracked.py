@@ -58,7 +58,8 @@ class _Config:
     engine: ConvEngineLike
     target: float | None
     #: linearize_tracked, column_sums, lcp_weights, step_vjp, lcp_tangent: the reference's, or a
-    #: fused backend's of the same names and results (:mod:`crbp_fast.hgru.native.tracked`).
+    #: fused backend's of the same names and results (:mod:`crbp_fast.hgru.native.tracked`,
+    #: :mod:`crbp_fast.hgru.triton.tracked`).
     passes: object = reference
 
 
@@ -156,7 +157,7 @@ def passes_for(backend: str, x: Tensor):
 
 def linearization_of(state: Tensor):
     """The linearisation (``.state``, ``.vjp(v) = J^T v``) at the point of the tracked step that
-    computed ``state``, from that step's own factors, when its passes provide one (the native
+    computed ``state``, from that step's own factors, when its passes provide one (the fused
     ones); None otherwise (no such step, the reference's passes, or its graph already freed).
     The factors are the node's saved tensors: an in-place change of an input or a parameter
     since the step makes autograd refuse them (RuntimeError), as it would in the backward."""

@@ -1,7 +1,7 @@
 """The tracked step's plane passes as Triton kernels: the bodies of ``csrc/cpu/plane_impl.h``
 (the math of :mod:`crbp_fast.hgru.reference`), one jit function per pass, behind one kernel.
 
-:func:`plane_pass_kernel` has grid ``(B * C, blocks)``: a program takes ``BLOCK`` pixels of one
+:func:`plane_pass_kernel` has a grid of ``B * C * blocks`` programs: each takes ``BLOCK`` pixels of one
 (b, c) plane, loads the plane's scalars, and runs the pass's body on them: the inputs and outputs
 arrive as tuples of pointers (``ins``, ``outs``), and the constexpr masks ``NONE`` (inputs that
 read as zeros, the table's None) and ``SKIP`` (outputs not written) select what is compiled, so
@@ -428,10 +428,13 @@ def _native_factors(ins, outs, offs, mask, sc, sums, NONE: tl.constexpr, SKIP: t
 def plane_pass_kernel(ins, outs, scalars, sums, HW, BLOCKS, PASS: tl.constexpr, NS: tl.constexpr,
                       NSUM: tl.constexpr, NONE: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr,
                       ACC: tl.constexpr):
-    """Pass ``PASS`` (its number in csrc/cpu/plane_passes.h) over ``BLOCK`` pixels of one plane (module docstring): ``scalars`` (planes,
-    NS), ``sums`` (planes, BLOCKS, NSUM) float64 partials."""
-    plane = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
+    """Pass ``PASS`` (its number in csrc/cpu/plane_passes.h) over ``BLOCK`` pixels of one plane
+    (module docstring): program ``plane * BLOCKS + blk`` of a 1-D grid (so neither the planes nor
+    a plane's blocks meet the 65535 limit of a grid's second dimension); ``scalars`` (planes, NS),
+    ``sums`` (planes, BLOCKS, NSUM) float64 partials."""
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // BLOCKS
+    blk = pid % BLOCKS
     p = blk * BLOCK + tl.arange(0, BLOCK)
     mask = p < HW
     offs = plane * HW + p

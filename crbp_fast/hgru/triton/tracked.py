@@ -90,6 +90,15 @@ def _mask(names: tuple[str, ...], chosen) -> int:
     return sum(1 << i for i, n in enumerate(names) if n in chosen)
 
 
+def _describe(t) -> str:
+    """What an argument is, for an error message: dtype, shape, device and (when not contiguous)
+    strides of a tensor, else its type."""
+    if not isinstance(t, Tensor):
+        return "None" if t is None else type(t).__name__
+    layout = "" if t.is_contiguous() else f" with strides {t.stride()}"
+    return f"{t.dtype} {tuple(t.shape)} tensor on {t.device}{layout}"
+
+
 def plane_pass(name: str, maps: list[Tensor | None], scalars: Tensor | None = None, skip: int = 0) -> list:
     """The plane pass ``name`` (:meth:`crbp_fast.hgru.plane_tracked.PlaneKernels.plane_pass`):
     its outputs (None where ``skip`` has the output's bit), then its (B, C, sums) float64
@@ -101,22 +110,22 @@ def plane_pass(name: str, maps: list[Tensor | None], scalars: Tensor | None = No
         raise ValueError(f"{name}: maps: expected {len(spec.inputs)} maps {spec.inputs}, got {len(maps)}")
     ref = maps[0]
     if not isinstance(ref, Tensor) or ref.dim() != 4 or ref.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name}: {spec.inputs[0]}: expected a float32/float64 (B, C, H, W) tensor, "
-                         f"got {ref if not isinstance(ref, Tensor) else f'{ref.dtype} {tuple(ref.shape)}'}")
+        raise ValueError(f"{name}: {spec.inputs[0]}: expected a float32/float64 (B, C, H, W) tensor, got {_describe(ref)}")
     for n, m in zip(spec.inputs, maps):
         if m is None:
             if n not in spec.nullable:
                 raise ValueError(f"{name}: {n}: expected a tensor, got None")
-        elif m.shape != ref.shape or m.dtype != ref.dtype or m.device != ref.device or not m.is_contiguous():
-            raise ValueError(f"{name}: {n}: expected a contiguous {ref.dtype} {tuple(ref.shape)} tensor on "
-                             f"{ref.device} (like {spec.inputs[0]}), got {m.dtype} {tuple(m.shape)} on {m.device}")
+        elif not isinstance(m, Tensor) or m.shape != ref.shape or m.dtype != ref.dtype or m.device != ref.device \
+                or not m.is_contiguous():
+            raise ValueError(f"{name}: {n}: expected a contiguous {_describe(ref)} (like {spec.inputs[0]}), "
+                             f"got {_describe(m)}")
     b, c, hgt, wid = ref.shape
     if spec.scalars:
-        want = (b, c, spec.scalars)
-        if scalars is None or tuple(scalars.shape) != want or scalars.dtype != opmath(ref) \
+        want = torch.empty((b, c, spec.scalars), dtype=opmath(ref), device="meta")
+        if not isinstance(scalars, Tensor) or scalars.shape != want.shape or scalars.dtype != want.dtype \
                 or scalars.device != ref.device or not scalars.is_contiguous():
-            got = None if scalars is None else f"{scalars.dtype} {tuple(scalars.shape)}"
-            raise ValueError(f"{name}: scalars: expected a contiguous {opmath(ref)} {want} tensor, got {got}")
+            raise ValueError(f"{name}: scalars: expected a contiguous {want.dtype} {tuple(want.shape)} tensor on "
+                             f"{ref.device}, got {_describe(scalars)}")
     elif scalars is not None:
         raise ValueError(f"{name}: scalars: expected None (the pass has no per-plane scalars), got a tensor")
     allowed = _mask(spec.outputs, spec.skippable)
@@ -129,7 +138,7 @@ def plane_pass(name: str, maps: list[Tensor | None], scalars: Tensor | None = No
     if b * c and hw:
         written = [o for o in outs if o is not None] or [ref]
         with ops._on(ref):
-            plane_kernels.plane_pass_kernel[(b * c, blocks)](
+            plane_kernels.plane_pass_kernel[(b * c * blocks,)](
                 tuple(ref if m is None else m for m in maps), tuple(written[0] if o is None else o for o in outs)
                 or (ref,), ref if scalars is None else scalars, sums, hw, blocks,
                 PASS=spec.number, NS=spec.scalars, NSUM=spec.sums, NONE=_mask(spec.inputs, [
@@ -166,7 +175,7 @@ class _Kernels:
             sums = (both[..., 0], both[..., 1])
         acc, hw = opmath(dc), hgt * wid
         inv = invstd.detach().reshape(-1, c).expand(b, c).to(acc)
-        m1, m2 = (set_mean(s.to(acc), spec, hw, spec.weight) for s in sums)
+        m1, m2 = (set_mean(s.double(), spec, hw, spec.weight).to(acc) for s in sums)  # means in float64
         weight = spec.weight.detach().reshape(1, c).to(acc)
         return ops.norm_vjp(dc, xhat, (inv * weight).contiguous(), (-inv * m1).contiguous(), (-inv * m2).contiguous())
 
