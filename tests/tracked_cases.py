@@ -5,7 +5,6 @@ the passes' NamedTuples."""
 from __future__ import annotations
 
 import torch
-
 from conftest import assert_close
 
 from crbp_fast import HGRUCell
@@ -65,3 +64,28 @@ def point(norm, groups, dtype, shape=SMALL):
         f, t = R.linearize_tracked(x, h, p)
         _, m = R.column_sums(f, p)
     return p, x, h, f, t, m
+
+
+def check_each_tangent_pass(passes, p, x, f, t, m, rtol):
+    """Each of the LCP tangent's five passes of ``passes`` (a fused backend's module) against the
+    reference's, on fresh random maps everywhere the passes read (every term exercised) and the
+    real statistics of the point, with and without the optional inputs."""
+    f, t, m = random_like(f, x), random_like(t, x), random_like(m, x)
+    w, v = torch.rand_like(x), torch.randn_like(x)
+    with torch.no_grad():
+        close(passes.tangent_gate_inh(w, f, t, p), R.tangent_gate_inh(w, f, t, p), rtol, "tangent_gate_inh")
+        c1_raw_t = torch.randn_like(x)
+        it, it_n = R.tangent_inhibit(c1_raw_t, w, f, t, p), passes.tangent_inhibit(c1_raw_t, w, f, t, p)
+        close_fields(it_n, it, rtol, "tangent_inhibit")
+        c2_raw_t = torch.randn_like(x)
+        for seed in (v, None):
+            et = R.tangent_excite_mix(c2_raw_t, w, it, f, t, m, p, seed)
+            close_fields(passes.tangent_excite_mix(c2_raw_t, w, it, f, t, m, p, seed), et, rtol, "tangent_excite_mix")
+        dh1_t, dh_t, extra = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
+        for e in (extra, None):
+            vt = R.tangent_vjp_inhibit(dh1_t, dh_t, w, it, f, t, m, p, e)
+            close_fields(passes.tangent_vjp_inhibit(dh1_t, dh_t, w, it, f, t, m, p, e), vt, rtol,
+                         "tangent_vjp_inhibit")
+        dhg_t, g1_t = torch.randn_like(x), torch.randn_like(x)
+        close(passes.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p),
+              R.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p), rtol, "tangent_vjp_gate_inh")

@@ -28,6 +28,7 @@ reference's up to rounding (the per-plane sums are taken in float64).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Protocol
 
 import torch
@@ -35,10 +36,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .reference import (ColumnSumMaps, ConvFn, ExciteTangent, Factors, HGRUParams, InhibitTangent, NormSpec,
-                        StepGrads, Tracked, VjpInhibitTangent, _mix, _mix_t, _pixel_outer, conv_same,
-                        conv_same_transpose, conv_same_weight_grad)
-
+from .reference import (
+    ColumnSumMaps,
+    ConvFn,
+    ExciteTangent,
+    Factors,
+    HGRUParams,
+    InhibitTangent,
+    NormSpec,
+    StepGrads,
+    Tracked,
+    VjpInhibitTangent,
+    _mix,
+    _mix_t,
+    _pixel_outer,
+    conv_same,
+    conv_same_transpose,
+    conv_same_weight_grad,
+)
 
 #: Opt-in for the fused tracked passes on CUDA (native and Triton): not yet run on a GPU, they
 #: stay off there until their gpu tests have passed (``CRBP_FAST_CUDA_TRACKED=1`` turns them on);
@@ -144,7 +159,7 @@ class _NormTangent:
     """A normalisation's tangent statistics: per-plane invstd, the set means of c_t and xhat c_t,
     and the relative tangent of invstd (for kind "none": 1, 0, 0 and None)."""
 
-    def __init__(self, passes: "PlanePasses", c_raw_t: Tensor, xhat: Tensor | None, invstd: Tensor | None,
+    def __init__(self, passes: PlanePasses, c_raw_t: Tensor, xhat: Tensor | None, invstd: Tensor | None,
                  spec: NormSpec):
         b, c, hgt, wid = c_raw_t.shape
         self.none = spec.kind == "none"
@@ -380,10 +395,25 @@ class PlanePasses:
         return reference.lcp_tangent(w, f, t, m, p, conv, conv_t, weight_grad, v, passes=passes or self)
 
 
-#: The names a backend module exposes from its :class:`PlanePasses` instance.
+    def module_functions(self, module: str) -> tuple:
+        """The passes as functions of the backend module named ``module``, in
+        :data:`PASS_NAMES` order: the bound methods, and ``lcp_tangent`` running the five tangent
+        passes that the module holds at call time (so that a patched module function is the one
+        that runs, as the tracked node looks the others up there too)."""
+
+        def lcp_tangent(w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
+                        conv_t=conv_same_transpose, weight_grad=None, v: Tensor | None = None):
+            """:func:`reference.lcp_tangent` with the passes of this module."""
+            return self.lcp_tangent(w, f, t, m, p, conv, conv_t, weight_grad, v, passes=sys.modules[module])
+
+        return (*(getattr(self, name) for name in PASS_NAMES[:-1]), lcp_tangent)
+
+
+#: The names a backend module exposes from its :class:`PlanePasses` instance
+#: (:meth:`PlanePasses.module_functions`).
 PASS_NAMES = (
     "column_sums", "linearization", "linearize_tracked", "step_vjp", "tangent_excite_mix", "tangent_gate_inh",
-    "tangent_inhibit", "tangent_vjp_gate_inh", "tangent_vjp_inhibit",
+    "tangent_inhibit", "tangent_vjp_gate_inh", "tangent_vjp_inhibit", "lcp_tangent",
 )
 
-__all__ = ["CUDA_SWITCH", "PASS_NAMES", "cuda_opted_in", "PlaneKernels", "PlanePasses", "bcast_stats", "opmath", "set_mean"]
+__all__ = ["CUDA_SWITCH", "PASS_NAMES", "PlaneKernels", "PlanePasses", "bcast_stats", "cuda_opted_in", "opmath", "set_mean"]

@@ -16,9 +16,19 @@ import types
 
 import pytest
 import torch
-
 from conftest import CPU_ISAS, assert_close, cpu_isa, cpu_runs
-from tracked_cases import DTYPES, NORMS, RTOL, SMALL, close, close_fields, point, problem, random_like
+from tracked_cases import (
+    DTYPES,
+    NORMS,
+    RTOL,
+    SMALL,
+    check_each_tangent_pass,
+    close,
+    close_fields,
+    point,
+    problem,
+    random_like,
+)
 
 from crbp_fast import HGRUCell
 from crbp_fast.hgru import reference as R
@@ -57,25 +67,7 @@ def test_linearize_tracked_matches_reference(norm, groups, dtype, threads):
 def test_each_tangent_pass_matches_reference(norm, groups, dtype, shape, threads):
     p, x, h, f, t, m = point(norm, groups, dtype, shape)
     rtol = RTOL[dtype]
-    # Random maps everywhere the passes read (every term exercised), real statistics.
-    f, t, m = random_like(f, x), random_like(t, x), random_like(m, x)
-    w, v = torch.rand_like(x), torch.randn_like(x)
-    with torch.no_grad():
-        close(N.tangent_gate_inh(w, f, t, p), R.tangent_gate_inh(w, f, t, p), rtol, "tangent_gate_inh")
-        c1_raw_t = torch.randn_like(x)
-        it, it_n = R.tangent_inhibit(c1_raw_t, w, f, t, p), N.tangent_inhibit(c1_raw_t, w, f, t, p)
-        close_fields(it_n, it, rtol, "tangent_inhibit")
-        c2_raw_t = torch.randn_like(x)
-        for seed in (v, None):
-            et = R.tangent_excite_mix(c2_raw_t, w, it, f, t, m, p, seed)
-            close_fields(N.tangent_excite_mix(c2_raw_t, w, it, f, t, m, p, seed), et, rtol, "tangent_excite_mix")
-        dh1_t, dh_t, extra = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
-        for e in (extra, None):
-            vt = R.tangent_vjp_inhibit(dh1_t, dh_t, w, it, f, t, m, p, e)
-            close_fields(N.tangent_vjp_inhibit(dh1_t, dh_t, w, it, f, t, m, p, e), vt, rtol, "tangent_vjp_inhibit")
-        dhg_t, g1_t = torch.randn_like(x), torch.randn_like(x)
-        close(N.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p),
-              R.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p), rtol, "tangent_vjp_gate_inh")
+    check_each_tangent_pass(N, p, x, f, t, m, rtol)
 
 
 @pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["small", "two-chunks"])

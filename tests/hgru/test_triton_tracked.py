@@ -26,14 +26,24 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import assert_close  # noqa: E402
-from tracked_cases import DTYPES, NORMS, RTOL, SMALL, close, close_fields, point, problem, random_like  # noqa: E402
+from conftest import assert_close
+from tracked_cases import (
+    DTYPES,
+    NORMS,
+    SMALL,
+    check_each_tangent_pass,
+    close,
+    close_fields,
+    point,
+    problem,
+    random_like,
+)
 
-from crbp_fast import HGRUCell, fixed_point  # noqa: E402
-from crbp_fast.hgru import reference as R  # noqa: E402
-from crbp_fast.hgru import tracked as tracked_node  # noqa: E402
-from crbp_fast.hgru.triton import hgru as triton_hgru  # noqa: E402
-from crbp_fast.hgru.triton import tracked as T  # noqa: E402
+from crbp_fast import HGRUCell, fixed_point
+from crbp_fast.hgru import reference as R
+from crbp_fast.hgru import tracked as tracked_node
+from crbp_fast.hgru.triton import hgru as triton_hgru
+from crbp_fast.hgru.triton import tracked as T
 
 DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 BLOCKS3 = (2, 3, 20, 17)  # 340 pixels: three blocks per plane under the interpreter
@@ -77,25 +87,7 @@ def test_linearize_tracked_matches_reference(norm, groups, dtype):
 def test_each_tangent_pass_matches_reference(norm, groups, dtype, shape):
     p, x, h, f, t, m = at_point(norm, groups, dtype, shape)
     rtol = TOL[dtype]
-    # Random maps everywhere the passes read (every term exercised), real statistics.
-    f, t, m = random_like(f, x), random_like(t, x), random_like(m, x)
-    w, v = torch.rand_like(x), torch.randn_like(x)
-    with torch.no_grad():
-        close(T.tangent_gate_inh(w, f, t, p), R.tangent_gate_inh(w, f, t, p), rtol, "tangent_gate_inh")
-        c1_raw_t = torch.randn_like(x)
-        it, it_n = R.tangent_inhibit(c1_raw_t, w, f, t, p), T.tangent_inhibit(c1_raw_t, w, f, t, p)
-        close_fields(it_n, it, rtol, "tangent_inhibit")
-        c2_raw_t = torch.randn_like(x)
-        for seed in (v, None):
-            et = R.tangent_excite_mix(c2_raw_t, w, it, f, t, m, p, seed)
-            close_fields(T.tangent_excite_mix(c2_raw_t, w, it, f, t, m, p, seed), et, rtol, "tangent_excite_mix")
-        dh1_t, dh_t, extra = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
-        for e in (extra, None):
-            vt = R.tangent_vjp_inhibit(dh1_t, dh_t, w, it, f, t, m, p, e)
-            close_fields(T.tangent_vjp_inhibit(dh1_t, dh_t, w, it, f, t, m, p, e), vt, rtol, "tangent_vjp_inhibit")
-        dhg_t, g1_t = torch.randn_like(x), torch.randn_like(x)
-        close(T.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p),
-              R.tangent_vjp_gate_inh(dhg_t, dh_t, w, g1_t, f, t, m, p), rtol, "tangent_vjp_gate_inh")
+    check_each_tangent_pass(T, p, x, f, t, m, rtol)
 
 
 @pytest.mark.parametrize("shape", [SMALL, BLOCKS3], ids=["small", "three-blocks"])

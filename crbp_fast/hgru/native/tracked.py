@@ -16,16 +16,13 @@ sums are taken in float64).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
-from ..plane_tracked import CUDA_SWITCH, PASS_NAMES, PlanePasses, cuda_opted_in
-from ..reference import ColumnSumMaps, ConvFn, Factors, HGRUParams, NormSpec, Tracked, conv_same, lcp_weights
-from ..reference import conv_same_transpose
+from ..plane_tracked import CUDA_SWITCH, PlanePasses, cuda_opted_in
+from ..reference import NormSpec, lcp_weights
+from .hgru import _C, NativeLinearization, _mat, _vec, norm_vjp
 from .hgru import Factors as NativeFactors
-from .hgru import NativeLinearization, _C, _mat, _vec, norm_vjp
 
 #: The dtypes of these passes per device (CUDA: when the extension was built with CUDA).
 DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
@@ -67,21 +64,8 @@ class _Kernels:
 
 PASSES = PlanePasses(_Kernels())
 # The passes as this module's functions (the tracked node and lcp_tangent look them up here).
-column_sums = PASSES.column_sums
-linearization = PASSES.linearization
-linearize_tracked = PASSES.linearize_tracked
-step_vjp = PASSES.step_vjp
-tangent_excite_mix = PASSES.tangent_excite_mix
-tangent_gate_inh = PASSES.tangent_gate_inh
-tangent_inhibit = PASSES.tangent_inhibit
-tangent_vjp_gate_inh = PASSES.tangent_vjp_gate_inh
-tangent_vjp_inhibit = PASSES.tangent_vjp_inhibit
-
-
-def lcp_tangent(w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
-                conv_t=conv_same_transpose, weight_grad=None, v: Tensor | None = None):
-    """:func:`reference.lcp_tangent` with the passes of this module."""
-    return PASSES.lcp_tangent(w, f, t, m, p, conv, conv_t, weight_grad, v, passes=sys.modules[__name__])
+(column_sums, linearization, linearize_tracked, step_vjp, tangent_excite_mix, tangent_gate_inh, tangent_inhibit,
+ tangent_vjp_gate_inh, tangent_vjp_inhibit, lcp_tangent) = PASSES.module_functions(__name__)
 
 
 def supported(x: Tensor) -> bool:
@@ -96,4 +80,19 @@ def supported(x: Tensor) -> bool:
     return x.dtype in DTYPES.get(x.device.type, ())
 
 
-__all__ = ["CUDA_SWITCH", "PASSES", "lcp_tangent", "lcp_weights", "supported", *PASS_NAMES]
+__all__ = [
+    "CUDA_SWITCH",
+    "PASSES",
+    "column_sums",
+    "lcp_tangent",
+    "lcp_weights",
+    "linearization",
+    "linearize_tracked",
+    "step_vjp",
+    "supported",
+    "tangent_excite_mix",
+    "tangent_gate_inh",
+    "tangent_inhibit",
+    "tangent_vjp_gate_inh",
+    "tangent_vjp_inhibit",
+]

@@ -18,18 +18,17 @@ Dtypes float32 and float64 (the tracked node's); cells of at most
 
 from __future__ import annotations
 
-import sys
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..plane_tracked import CUDA_SWITCH, PASS_NAMES, PlanePasses, cuda_opted_in, opmath, set_mean
-from ..reference import ColumnSumMaps, ConvFn, Factors, HGRUParams, NormSpec, Tracked, conv_same
-from ..reference import conv_same_transpose, lcp_weights
+from ..plane_tracked import CUDA_SWITCH, PlanePasses, cuda_opted_in, opmath, set_mean
+from ..reference import NormSpec, lcp_weights
 from . import hgru as triton_hgru
 from . import ops, plane_kernels
-from .hgru import MAX_CHANNELS, Factors as TritonFactors, TritonLinearization
+from .hgru import MAX_CHANNELS, TritonLinearization
+from .hgru import Factors as TritonFactors
 
 
 class PassSpec(NamedTuple):
@@ -195,21 +194,8 @@ class _Kernels:
 
 PASSES = PlanePasses(_Kernels())
 # The passes as this module's functions (the tracked node and lcp_tangent look them up here).
-column_sums = PASSES.column_sums
-linearization = PASSES.linearization
-linearize_tracked = PASSES.linearize_tracked
-step_vjp = PASSES.step_vjp
-tangent_excite_mix = PASSES.tangent_excite_mix
-tangent_gate_inh = PASSES.tangent_gate_inh
-tangent_inhibit = PASSES.tangent_inhibit
-tangent_vjp_gate_inh = PASSES.tangent_vjp_gate_inh
-tangent_vjp_inhibit = PASSES.tangent_vjp_inhibit
-
-
-def lcp_tangent(w: Tensor, f: Factors, t: Tracked, m: ColumnSumMaps, p: HGRUParams, conv: ConvFn = conv_same,
-                conv_t=conv_same_transpose, weight_grad=None, v: Tensor | None = None):
-    """:func:`reference.lcp_tangent` with the passes of this module."""
-    return PASSES.lcp_tangent(w, f, t, m, p, conv, conv_t, weight_grad, v, passes=sys.modules[__name__])
+(column_sums, linearization, linearize_tracked, step_vjp, tangent_excite_mix, tangent_gate_inh, tangent_inhibit,
+ tangent_vjp_gate_inh, tangent_vjp_inhibit, lcp_tangent) = PASSES.module_functions(__name__)
 
 
 #: The dtypes of these passes (the tracked node's; half precisions keep the autograd route).
@@ -227,4 +213,21 @@ def supported(x: Tensor) -> bool:
     return triton_hgru.unavailable_reason(x.device) == ""
 
 
-__all__ = ["CUDA_SWITCH", "PASSES", "SPECS", "lcp_tangent", "lcp_weights", "plane_pass", "supported", *PASS_NAMES]
+__all__ = [
+    "CUDA_SWITCH",
+    "PASSES",
+    "SPECS",
+    "column_sums",
+    "lcp_tangent",
+    "lcp_weights",
+    "linearization",
+    "linearize_tracked",
+    "plane_pass",
+    "step_vjp",
+    "supported",
+    "tangent_excite_mix",
+    "tangent_gate_inh",
+    "tangent_inhibit",
+    "tangent_vjp_gate_inh",
+    "tangent_vjp_inhibit",
+]
