@@ -138,7 +138,8 @@ def phase_model(shape: Shape, backend: str, conv: str, algorithm: str, steps: in
     """(bytes, flops) per phase of one iteration (module docstring): a count of passes, not a
     measurement. ``fused_mix``: the FFT engine's channel mix is the fused kernel
     (crbp_fast.conv.fft: CRBP_FAST_FFT_MIX, native on CPU by default); ``fused_tracked``: the
-    tracked step runs the native plane passes (backend "native" on CPU)."""
+    tracked step runs a fused backend's plane passes (:mod:`crbp_fast.hgru.plane_tracked`: native
+    on CPU, Triton on CUDA with ``CRBP_FAST_CUDA_TRACKED=1``; the same passes, so the same count)."""
     map_bytes = 4 * shape.batch * shape.channels * shape.height * shape.width
     conv_bytes, conv_flops = _conv_cost(shape, conv, fused_mix)
     maps = _MAPS["torch" if backend == "torch" else "fused"]

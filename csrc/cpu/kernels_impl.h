@@ -628,6 +628,17 @@ constexpr KernelTable<T> kTable{
      &native_factors<T>},
 };
 
+// Every pass of plane_passes.h has its kernel here (a row added there and not here would leave a
+// trailing entry null): checked at compile time, per ISA and dtype.
+template <typename T>
+constexpr bool every_plane_pass(const KernelTable<T>& table) {
+  for (int i = 0; i < kPlanePasses; ++i)
+    if (table.plane[i] == nullptr) return false;
+  return true;
+}
+static_assert(every_plane_pass(kTable<float>) && every_plane_pass(kTable<double>),
+              "kernels_impl.h: the plane-pass table lacks a kernel for a pass of plane_passes.h");
+
 }  // namespace
 
 template <typename T>
