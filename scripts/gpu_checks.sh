@@ -207,7 +207,9 @@ if [ "$MODE" = smoke ]; then
   CRBP_FAST_TRITON_ONE_CONFIG=1 pytest_stage "paper-shape checks" 90 paper tests/hgru/test_paper_shape.py
   stage "bandwidth fp32" 45 "$PY" -m crbp_fast.hgru.triton.bandwidth --dtype float32 "${BW_ARGS[@]}" --out "$OUT/bandwidth.jsonl"
 elif [ "$MODE" = targets ]; then
-  stage "bench targets" 120 bench targets "${TARGETS[@]}" --out "$OUT/targets.json"
+  # With the fused tracked passes (opt-in on CUDA until their gpu tests have passed): the run
+  # also checks their gradients against the published algorithm's (worst relative error <= 1e-4).
+  CRBP_FAST_CUDA_TRACKED=1 stage "bench targets" 120 bench targets "${TARGETS[@]}" --out "$OUT/targets.json"
 else
   # The records first (the README's GPU table is filled from them; rows are kept as measured),
   # then the whole suite with what is left of the budget.
