@@ -124,7 +124,7 @@ def _per_plane(values: list, like: Tensor) -> Tensor:
     return torch.stack(cols, dim=-1).contiguous()
 
 
-def set_mean(sums: Tensor, spec: NormSpec, hw: int, weight: Tensor | None = None) -> Tensor:
+def _set_mean(sums: Tensor, spec: NormSpec, hw: int, weight: Tensor | None = None) -> Tensor:
     """(B, C) per-plane sums -> the mean over each plane's reduction set, per plane; with ``weight``
     the mean of weight[c] times the summed map."""
     if weight is not None:
@@ -168,8 +168,8 @@ class _NormTangent:
             return
         (sums,) = passes._pass("plane_dot", [c_raw_t, xhat])
         self.invstd = _planes(invstd, b, c).double()
-        self.mean_t = set_mean(sums[..., 0], spec, hgt * wid)
-        self.mean_xt = set_mean(sums[..., 1], spec, hgt * wid)
+        self.mean_t = _set_mean(sums[..., 0], spec, hgt * wid)
+        self.mean_xt = _set_mean(sums[..., 1], spec, hgt * wid)
         self.weight = spec.weight
         self.rel_t = -self.invstd * self.mean_xt
 
@@ -205,8 +205,8 @@ class PlanePasses:
         b, c, hgt, wid = dc_t.shape
         hw = hgt * wid
         scalars = _per_plane([
-            _planes(rel_t, b, c), _planes(invstd, b, c), spec.weight, set_mean(sums[..., 1], spec, hw, spec.weight),
-            set_mean(sums[..., 2], spec, hw, spec.weight), set_mean(sums[..., 0], spec, hw, spec.weight),
+            _planes(rel_t, b, c), _planes(invstd, b, c), spec.weight, _set_mean(sums[..., 1], spec, hw, spec.weight),
+            _set_mean(sums[..., 2], spec, hw, spec.weight), _set_mean(sums[..., 0], spec, hw, spec.weight),
         ], dc_t)
         (dr_t,) = self._pass("norm_vjp_tangent", [dr, dc_t, xhat_t, xhat], scalars)
         return dr_t
@@ -416,4 +416,4 @@ PASS_NAMES = (
     "tangent_inhibit", "tangent_vjp_gate_inh", "tangent_vjp_inhibit", "lcp_tangent",
 )
 
-__all__ = ["CUDA_SWITCH", "PASS_NAMES", "PlaneKernels", "PlanePasses", "bcast_stats", "cuda_opted_in", "opmath", "set_mean"]
+__all__ = ["CUDA_SWITCH", "PASS_NAMES", "PlaneKernels", "PlanePasses", "bcast_stats", "cuda_opted_in", "opmath"]

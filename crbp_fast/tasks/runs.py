@@ -285,17 +285,16 @@ def process(device: str, threads: int | None) -> Iterator[Dist]:
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    ok = False
     try:
         yield env
-        ok = True
+        if env.initialised_here:
+            # Every rank done before any leaves (not after an error: the peer may be gone): gloo
+            # aborts a process (std::terminate) when its peer tears the group down under its last
+            # collective's connections.
+            dist.barrier()
     finally:
         torch.set_num_threads(before)
         if env.initialised_here:
-            if ok:
-                # Every rank done before any leaves: gloo aborts a process (std::terminate) when
-                # its peer tears the group down under its last collective's connections.
-                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -137,14 +137,16 @@ def norm_vjp(
 ) -> Tensor:
     """N^T(dy) = invstd (w dy - mean_S(w dy) - xhat mean_S(w dy xhat)), statistics included.
 
-    ``sums``: the (B, C, S) partials of dy and dy * xhat from the pass that produced dy;
+    ``sums``: the (B, C, S) partials of dy and dy * xhat from the pass that produced dy (any
+    float dtype);
     ``invstd`` (B, C). For norm "none", dy itself.
     """
     if spec.kind == "none":
         return dy
     hw = dy.shape[2] * dy.shape[3]
     weight = spec.weight.reshape(-1).to(invstd.dtype)
-    m1, m2 = (_set_means(s, weight, spec, hw) for s in sums)
+    # The set means in the partials' dtype (float64 partials: float64 means), the coefficients in invstd's.
+    m1, m2 = (_set_means(s, weight, spec, hw).to(invstd.dtype) for s in sums)
     return ops.norm_vjp(dy, xhat, invstd * weight, -invstd * m1, -invstd * m2)
 
 

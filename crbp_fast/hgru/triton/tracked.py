@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..plane_tracked import CUDA_SWITCH, PlanePasses, cuda_opted_in, opmath, set_mean
+from ..plane_tracked import CUDA_SWITCH, PlanePasses, cuda_opted_in, opmath
 from ..reference import NormSpec, lcp_weights
 from . import hgru as triton_hgru
 from . import ops, plane_kernels
@@ -135,10 +135,11 @@ def plane_pass(name: str, maps: list[Tensor | None], scalars: Tensor | None = No
     blocks = triton_hgru.triton_cdiv(hw, plane_kernels.PLANE_BLOCK)
     sums = torch.empty((b * c, blocks, spec.sums), device=ref.device, dtype=torch.float64) if spec.sums else ref
     if b * c and hw:
-        written = [o for o in outs if o is not None] or [ref]
+        # Pointers for a None input, a skipped output and absent scalars: never read or written.
+        written = next((o for o in outs if o is not None), ref)
         with ops._on(ref):
             plane_kernels.plane_pass_kernel[(b * c * blocks,)](
-                tuple(ref if m is None else m for m in maps), tuple(written[0] if o is None else o for o in outs)
+                tuple(ref if m is None else m for m in maps), tuple(written if o is None else o for o in outs)
                 or (ref,), ref if scalars is None else scalars, sums, hw, blocks,
                 PASS=spec.number, NS=spec.scalars, NSUM=spec.sums, NONE=_mask(spec.inputs, [
                     n for n, m in zip(spec.inputs, maps) if m is None]), SKIP=skip,
@@ -146,9 +147,7 @@ def plane_pass(name: str, maps: list[Tensor | None], scalars: Tensor | None = No
             )
     if not spec.sums:
         return outs
-    total = sums.sum(1).reshape(b, c, spec.sums) if blocks else torch.zeros(
-        (b, c, spec.sums), device=ref.device, dtype=torch.float64)
-    return [*outs, total]
+    return [*outs, sums.sum(1).reshape(b, c, spec.sums)]  # no blocks (empty planes): zeros
 
 
 class _Kernels:
@@ -158,8 +157,7 @@ class _Kernels:
 
     @staticmethod
     def gate_inh(h, p):
-        hg, g1, slope = ops.gate_inh(h, p.u1_weight.detach(), p.u1_bias.detach(), h.dtype, True)
-        return hg, g1, slope
+        return tuple(ops.gate_inh(h, p.u1_weight.detach(), p.u1_bias.detach(), h.dtype, True))
 
     @staticmethod
     def norm_stats(c_raw, spec):
@@ -168,15 +166,13 @@ class _Kernels:
     @staticmethod
     def norm_vjp(dc, xhat, invstd, spec: NormSpec, sums=None):
         dc, xhat = dc.detach().contiguous(), xhat.detach().contiguous()
-        b, c, hgt, wid = dc.shape
+        b, c = dc.shape[:2]
         if sums is None:
             (both,) = plane_pass("plane_dot", [dc, xhat])
             sums = (both[..., 0], both[..., 1])
-        acc, hw = opmath(dc), hgt * wid
-        inv = invstd.detach().reshape(-1, c).expand(b, c).to(acc)
-        m1, m2 = (set_mean(s.double(), spec, hw, spec.weight).to(acc) for s in sums)  # means in float64
-        weight = spec.weight.detach().reshape(1, c).to(acc)
-        return ops.norm_vjp(dc, xhat, (inv * weight).contiguous(), (-inv * m1).contiguous(), (-inv * m2).contiguous())
+        # The Triton step's norm VJP, on one float64 "partial" per plane (its set means in float64).
+        inv = invstd.detach().reshape(-1, c).expand(b, c).to(opmath(dc))
+        return triton_hgru.norm_vjp(dc, xhat, inv, [s.unsqueeze(-1) for s in sums], spec)
 
     @staticmethod
     def vjp_gate_inh(dhg, dh, g1, hg1_slope, p):
